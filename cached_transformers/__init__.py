@@ -1,0 +1,12 @@
+"""Cached Transformers: the Gated Recurrent Cache (GRC) attention and the paper's vision backbones.
+
+Importing the package registers the models with timm, so ``timm.create_model("pvt_tiny_grc")`` works.
+The library depends on torch and timm only (no Hydra, no Lightning).
+"""
+from .grc import (PRESETS, GRCAttention, GRCConfig, SelfAttention, SRAttention, copy_caches, grc_layers,
+                  memory_width, mixing_weights, padding_to_attn_mask, reset_caches, split_grc_kwargs)
+
+__all__ = [
+    "GRCAttention", "GRCConfig", "PRESETS", "SRAttention", "SelfAttention", "copy_caches", "grc_layers",
+    "memory_width", "mixing_weights", "padding_to_attn_mask", "reset_caches", "split_grc_kwargs",
+]

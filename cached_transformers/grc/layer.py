@@ -1,0 +1,227 @@
+"""The Gated Recurrent Cache attention layer (method.md sections 1 and 3).
+
+``GRCAttention`` wraps any host attention (the *self branch*) and adds the memory branch, the three
+gates, the per-head lambda mix and the positional conv. One stored cache ``cache`` of shape
+1 x T_m x D_m lives in the layer as a persistent buffer from construction on.
+
+When is the stored cache written?  Exactly once per training forward of the layer:
+``self.training and torch.is_grad_enabled()`` and not while autograd's engine is running a backward
+pass (that is where non-reentrant activation checkpointing recomputes forwards; the recomputation
+reads the cache value the original forward saw, so the gradients are those of that forward).
+Evaluation mode and ``torch.no_grad()`` never write it. Gradient accumulation therefore writes it
+once per micro-batch, which is the released module's behaviour. Reentrant checkpointing (whose
+first forward runs under ``no_grad``) never writes it: use ``use_reentrant=False``.
+
+Speed: the reset and update gates are one fused ``Linear(2 D_m -> 2 D_m)``; the cache-side half of
+the gate projection is computed once per step on the 1 x T_m stored cache rather than per sample;
+the summary-side projections of the three gates share one matmul; the lambda mix is a per-channel
+scale plus an in-place add into each head's first D_m/H channels (no zero padding is materialised).
+All of this is exact algebra of the released computation, equal to float32 round-off.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import SRAttention
+from .config import GRCConfig
+
+
+def _in_backward() -> bool:
+    """True while autograd's engine runs a backward pass (checkpoint recomputation happens there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def memory_width(dim: int, num_heads: int, ratio: float) -> int:
+    """D_m = int(r * D), checked to split into the heads and to group the positional conv."""
+    dm = int(dim * ratio)
+    if dm <= 0 or dm % num_heads or dim % dm:
+        raise ValueError(
+            f"GRC ratio {ratio} gives a memory width D_m={dm} for D={dim} that does not split into "
+            f"{num_heads} heads (or does not divide D); choose a ratio with D*r divisible by the heads and "
+            f"dividing D, e.g. 0.5 or 0.25.")
+    return dm
+
+
+class GRCAttention(nn.Module):
+    """Gated Recurrent Cache attention around a host attention module.
+
+    Args:
+        dim: model width D.
+        num_heads: heads H of the host attention (the mix is per head).
+        self_attn: host attention, called as ``self_attn(x, [H, W,] **host_kwargs)`` -> B x T x D
+            (after its output projection). With a padding mask it also gets ``key_padding_mask=``.
+        cache_len: T_m, the stored cache length (nominal token count of the host).
+        config: :class:`GRCConfig`.
+        mem_attn: memory branch at width D_m, called as ``mem_attn(q, kv=cache, kv_hw=grid)``;
+            default: ``SRAttention(D_m, H)`` (plain attention).
+        cache_grid: (h, w) grid of the cache tokens after ``num_prefix_tokens`` (spatial hosts).
+        num_prefix_tokens: leading class tokens (no positional conv for them).
+
+    forward(x: B x T x D, H=None, W=None, key_padding_mask: B x T bool (True = pad) | None,
+    **host_kwargs) -> B x T x D. T may differ from T_m: the summary is resized to T_m.
+    """
+
+    def __init__(self, dim: int, num_heads: int, self_attn: nn.Module, cache_len: int,
+                 config: GRCConfig | None = None, mem_attn: nn.Module | None = None,
+                 cache_grid: tuple[int, int] | None = None, num_prefix_tokens: int = 0,
+                 qkv_bias: bool = False):
+        super().__init__()
+        cfg = config or GRCConfig.make()
+        self.config = cfg
+        self.dim, self.num_heads = dim, num_heads
+        self.mem_dim = dm = memory_width(dim, num_heads, cfg.ratio)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.cache_grid = tuple(cache_grid) if cache_grid is not None else None
+        if self.cache_grid is not None and num_prefix_tokens + self.cache_grid[0] * self.cache_grid[1] != cache_len:
+            raise ValueError(f"cache_len {cache_len} != {num_prefix_tokens} prefix tokens + grid {cache_grid}.")
+
+        self.self_attn = self_attn
+        self.mem_attn = mem_attn if mem_attn is not None else SRAttention(dm, num_heads, qkv_bias=qkv_bias)
+        self.gate = nn.Linear(2 * dm, 2 * dm, bias=cfg.gate_bias)  # rows: [reset; update]
+        self.cand = nn.Linear(2 * dm, dm, bias=cfg.gate_bias)
+        self.cand_norm = nn.LayerNorm(dm) if cfg.candidate == "ln_gelu" else nn.Identity()
+        self.lam = nn.Parameter(torch.full((num_heads,), float(cfg.lambda_init)))
+        self.pos_conv = (nn.Conv2d(dim, dim, 3, padding=1, groups=dm)
+                         if cfg.pos_encoding == "conv" else None)
+        self.register_buffer("cache", torch.zeros(1, cache_len, dm))
+        self._prev_cache: torch.Tensor | None = None  # what the last update read (for recomputation)
+        self.record_branches = False  # set True to keep o_self / o_mem of the last forward (Fig. 4)
+        self.last_branches: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sync_fn: Callable[[torch.Tensor], torch.Tensor] | None = None  # override of the sync rule
+
+    # ------------------------------------------------------------------ cache management
+    @property
+    def cache_len(self) -> int:
+        return self.cache.shape[1]
+
+    def reset_cache(self) -> None:
+        """Zero the stored cache (e.g. before fine-tuning on another task)."""
+        self.cache.zero_()
+        self._prev_cache = None
+
+    def _sync(self, new: torch.Tensor) -> torch.Tensor:
+        if self.sync_fn is not None:
+            return self.sync_fn(new)
+        if self.config.sync == "mean" and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            new = new.contiguous()
+            dist.all_reduce(new, op=dist.ReduceOp.SUM)
+            new = new / dist.get_world_size()
+        return new
+
+    def _should_update(self) -> bool:
+        return self.training and torch.is_grad_enabled() and not _in_backward()
+
+    # ------------------------------------------------------------------ pieces of the forward
+    def _positional(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        b, t, c = x.shape
+        p = self.num_prefix_tokens
+        h, w = grid
+        if t - p != h * w:
+            raise ValueError(f"GRC positional conv: {t - p} tokens do not fill the {h}x{w} grid.")
+        pe = self.pos_conv(x[:, p:].reshape(b, h, w, c).permute(0, 3, 1, 2))
+        return pe.flatten(2).transpose(1, 2)
+
+    def _summary(self, u: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """Resize B x T x D_m to B x T_m x D_m along tokens (valid tokens only if asked)."""
+        tm = self.cache_len
+        mode = "nearest" if self.config.resize == "nearest" else "linear"
+        if key_padding_mask is not None and self.config.padding == "valid":
+            valid = ~key_padding_mask.bool()
+            lengths = valid.sum(1).clamp(min=1)                                   # B
+            order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # valid first
+            pos = torch.arange(tm, device=u.device, dtype=torch.float32)
+            src = pos[None] * (lengths[:, None].float() / tm)                       # B x T_m
+            if mode == "nearest":
+                idx = torch.minimum(src.floor().long(), lengths[:, None] - 1)
+                gather = torch.gather(order, 1, idx)
+                return torch.gather(u, 1, gather[..., None].expand(-1, -1, u.shape[-1]))
+            src = ((pos[None] + 0.5) * (lengths[:, None].float() / tm) - 0.5).clamp(min=0)
+            lo = torch.minimum(src.floor().long(), lengths[:, None] - 1)
+            hi = torch.minimum(lo + 1, lengths[:, None] - 1)
+            frac = (src - lo.float())[..., None]
+            take = lambda i: torch.gather(u, 1, torch.gather(order, 1, i)[..., None].expand(-1, -1, u.shape[-1]))
+            return take(lo) * (1 - frac) + take(hi) * frac
+        if u.shape[1] == tm:
+            return u
+        return F.interpolate(u.transpose(1, 2), size=tm, mode=mode).transpose(1, 2)
+
+    def _gated_update(self, prev: torch.Tensor, xu: torch.Tensor) -> torch.Tensor:
+        """C_new = g_u * C_cand + (1 - g_u) * C_prev for prev 1 x T_m x D_m, xu B x T_m x D_m."""
+        dm = self.mem_dim
+        cache_cols = slice(0, dm) if self.config.concat_order == "cache_first" else slice(dm, 2 * dm)
+        x_cols = slice(dm, 2 * dm) if self.config.concat_order == "cache_first" else slice(0, dm)
+        wg, wc = self.gate.weight, self.cand.weight
+        # summary side of all three projections in one matmul: B x T_m x 3 D_m
+        wx = torch.cat([wg[:, x_cols], wc[:, x_cols]], dim=0)
+        bx = torch.cat([self.gate.bias, self.cand.bias]) if self.gate.bias is not None else None
+        zx = F.linear(xu, wx, bx)
+        gates = torch.sigmoid(zx[..., : 2 * dm] + F.linear(prev, wg[:, cache_cols]))  # cache side once
+        reset, update = gates[..., :dm], gates[..., dm:]
+        cand = zx[..., 2 * dm:] + F.linear(reset * prev, wc[:, cache_cols])
+        if self.config.candidate == "ln_gelu":
+            cand = self.cand_norm(F.gelu(cand))
+        return prev + update * (cand - prev)
+
+    def _mix(self, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        b, t, d = s.shape
+        h = self.num_heads
+        alpha = torch.sigmoid(self.lam)                                   # H
+        out = s * (1 - alpha).repeat_interleave(d // h)                   # (1 - a_h) * s_h
+        out.view(b, t, h, d // h)[..., : self.mem_dim // h] += (m.view(b, t, h, -1) * alpha[:, None])
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, H: int | None = None, W: int | None = None, *,
+                key_padding_mask: torch.Tensor | None = None, **host_kwargs) -> torch.Tensor:
+        b, t, d = x.shape
+        cfg, dm = self.config, self.mem_dim
+        if key_padding_mask is not None:
+            host_kwargs["key_padding_mask"] = key_padding_mask
+        s = self.self_attn(x, H, W, **host_kwargs) if H is not None else self.self_attn(x, **host_kwargs)
+
+        source = s if cfg.update_source == "self_output" else x
+        xu = self._summary(source[..., :dm], key_padding_mask)
+
+        update = self._should_update()
+        if _in_backward() and self._prev_cache is not None and self.training:
+            prev = self._prev_cache  # recomputation under checkpointing: the value the forward read
+        else:
+            prev = self.cache.detach().clone() if update else self.cache.detach()
+        new = self._gated_update(prev, xu)                                 # B x T_m x D_m
+        if update:
+            self._prev_cache = prev
+            self.cache.copy_(self._sync(new.detach().mean(0, keepdim=True)))
+
+        if cfg.causal:
+            kv = prev.expand(b, -1, -1)
+        elif cfg.mem_kv == "batch_mean":
+            kv = new.mean(0, keepdim=True).expand(b, -1, -1)
+        else:
+            kv = new
+        query = x[..., :dm] if cfg.mem_query == "input" else source[..., :dm]
+        m = self.mem_attn(query, kv=kv, kv_hw=self.cache_grid)
+        if self.record_branches:
+            self.last_branches = (s.detach(), m.detach())
+
+        out = self._mix(s, m)
+        if self.pos_conv is not None:
+            grid = (H, W) if H is not None else self._square_grid(t)
+            out[:, self.num_prefix_tokens:] += self._positional(x, grid)
+        return out
+
+    def _square_grid(self, t: int) -> tuple[int, int]:
+        n = t - self.num_prefix_tokens
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise ValueError(f"GRC positional conv needs the token grid: pass H and W for {n} tokens.")
+        return side, side
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.num_heads}, mem_dim={self.mem_dim}, cache_len={self.cache_len}, "
+                f"preset={self.config.preset}, sync={self.config.sync}, causal={self.config.causal}")
