@@ -152,28 +152,30 @@ class GRCAttention(nn.Module):
         return F.interpolate(u.transpose(1, 2), size=tm, mode=mode).transpose(1, 2)
 
     def _gated_update(self, prev: torch.Tensor, xu: torch.Tensor) -> torch.Tensor:
-        """C_new = g_u * C_cand + (1 - g_u) * C_prev for prev 1 x T_m x D_m, xu B x T_m x D_m."""
+        """C_new = g_u * C_cand + (1 - g_u) * C_prev for prev 1 x T_m x D_m, xu B x T_m x D_m.
+
+        The stored cache is the same for every sample, so the cache side of the reset and update
+        projections (with the biases) is computed once on 1 x T_m tokens and broadcast. Reset, update
+        and candidate each get their own GEMM on the summary, so autograd never slices a fused output.
+        """
         dm = self.mem_dim
         cache_cols = slice(0, dm) if self.config.concat_order == "cache_first" else slice(dm, 2 * dm)
         x_cols = slice(dm, 2 * dm) if self.config.concat_order == "cache_first" else slice(0, dm)
-        wg, wc = self.gate.weight, self.cand.weight
-        # summary side of all three projections in one matmul: B x T_m x 3 D_m
-        wx = torch.cat([wg[:, x_cols], wc[:, x_cols]], dim=0)
-        bx = torch.cat([self.gate.bias, self.cand.bias]) if self.gate.bias is not None else None
-        zx = F.linear(xu, wx, bx)
-        gates = torch.sigmoid(zx[..., : 2 * dm] + F.linear(prev, wg[:, cache_cols]))  # cache side once
-        reset, update = gates[..., :dm], gates[..., dm:]
-        cand = zx[..., 2 * dm:] + F.linear(reset * prev, wc[:, cache_cols])
+        wg, bg, wc, bc = self.gate.weight, self.gate.bias, self.cand.weight, self.cand.bias
+        cache_side = F.linear(prev, wg[:, cache_cols], bg)                   # 1 x T_m x 2 D_m
+        reset = torch.sigmoid(F.linear(xu, wg[:dm, x_cols]) + cache_side[..., :dm])
+        update = torch.sigmoid(F.linear(xu, wg[dm:, x_cols]) + cache_side[..., dm:])
+        cand = F.linear(xu, wc[:, x_cols], bc) + F.linear(reset * prev, wc[:, cache_cols])
         if self.config.candidate == "ln_gelu":
             cand = self.cand_norm(F.gelu(cand))
-        return prev + update * (cand - prev)
+        return torch.lerp(prev.expand_as(cand), cand, update)
 
     def _mix(self, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         b, t, d = s.shape
         h = self.num_heads
         alpha = torch.sigmoid(self.lam)                                   # H
         out = s * (1 - alpha).repeat_interleave(d // h)                   # (1 - a_h) * s_h
-        out.view(b, t, h, d // h)[..., : self.mem_dim // h] += (m.view(b, t, h, -1) * alpha[:, None])
+        out.view(b, t, h, d // h)[..., : self.mem_dim // h].addcmul_(m.view(b, t, h, -1), alpha[:, None])
         return out
 
     # ------------------------------------------------------------------ forward

@@ -1,0 +1,192 @@
+"""Speed benchmark: what the GRC cache costs in time, next to what it costs in FLOPs.
+
+    python scripts/benchmark.py                       # vision suite on the machine at hand
+    python scripts/benchmark.py --device cuda --batch-size 64 --amp bf16
+    python scripts/benchmark.py --suite vision,lra,throughput --reference
+
+Vision suite: PVT-Tiny and ViT-S, baseline and cached, training step (forward + loss + backward +
+SGD step) and inference (eval, inference_mode) time per batch (median of --iters after --warmup),
+the cached/baseline time ratio next to the MAC ratio, and whether time ratio <= 1.05 x MAC ratio.
+``--reference`` also times the literal re-derivation of the authors' released module
+(cached_transformers.grc.reference) inside the same PVT-Tiny, to show what the fused layer saves.
+``lra`` runs the ListOps sequence-length benchmark; ``throughput`` the paper's Table 9 layout.
+No test times anything: speed is measured here and only here.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import timm  # noqa: E402
+
+import cached_transformers  # noqa: E402,F401  (registers the models)
+from cached_transformers.profiling import count_macs, count_params  # noqa: E402
+
+PAIRS = [("pvt_tiny", "pvt_tiny_grc"), ("vit_small_patch16_224", "vit_small_patch16_224_grc")]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def time_fn(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds of ``fn()`` over ``iters`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(model: torch.nn.Module, args, device: torch.device) -> dict:
+    """Train-step and inference seconds per batch of one model."""
+    model = model.to(device)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
+
+    def train_step():
+        model.train()
+        with _autocast(device, args.amp):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    @torch.inference_mode()
+    def infer():
+        model.eval()
+        with _autocast(device, args.amp):
+            model(x)
+
+    return {"train": time_fn(train_step, device, args.warmup, args.iters),
+            "infer": time_fn(infer, device, args.warmup, args.iters)}
+
+
+def build(name: str, args) -> torch.nn.Module:
+    kw = {"img_size": args.img_size}
+    return timm.create_model(name, pretrained=False, num_classes=1000, **kw)
+
+
+def reference_pvt_tiny(args) -> torch.nn.Module:
+    """PVT-Tiny whose attention layers are the literal released-module re-derivation."""
+    from cached_transformers.grc.reference import RefGRC
+
+    model = build("pvt_tiny", args)
+    grid = args.img_size // 4
+    for stage in range(1, 5):
+        blocks = getattr(model, f"block{stage}")
+        side = grid // 2 ** (stage - 1)
+        cls = 1 if stage == 4 else 0
+        for blk in blocks:
+            attn = blk.attn
+            blk.attn = RefGRC(attn.dim, attn.num_heads, attn.sr_ratio, side * side + cls, cls_dim=cls)
+    return model
+
+
+def vision_suite(args, device: torch.device) -> list[dict]:
+    rows = []
+    for base_name, grc_name in PAIRS:
+        models = {"baseline": build(base_name, args), "cached": build(grc_name, args)}
+        if args.reference and base_name == "pvt_tiny":
+            models["released"] = reference_pvt_tiny(args)
+        probe = torch.randn(1, 3, args.img_size, args.img_size)
+        stats = {}
+        for variant, model in models.items():
+            stats[variant] = {"params": count_params(model), "macs": count_macs(model, probe)}
+            stats[variant].update(measure(model, args, device))
+            print(f"  measured {base_name} {variant}: train {stats[variant]['train'] * 1e3:.1f} ms, "
+                  f"infer {stats[variant]['infer'] * 1e3:.1f} ms", file=sys.stderr)
+        base = stats["baseline"]
+        for variant in [v for v in stats if v != "baseline"]:
+            s = stats[variant]
+            mac_ratio = s["macs"] / base["macs"]
+            row = {"model": base_name, "variant": variant,
+                   "params_m": (base["params"] / 1e6, s["params"] / 1e6),
+                   "gmacs": (base["macs"] / 1e9, s["macs"] / 1e9), "mac_ratio": mac_ratio}
+            for phase in ("train", "infer"):
+                ratio = s[phase] / base[phase]
+                row[phase] = (args.batch_size / base[phase], args.batch_size / s[phase])
+                row[f"{phase}_ratio"] = ratio
+                row[f"{phase}_ok"] = ratio <= 1.05 * mac_ratio
+            rows.append(row)
+    return rows
+
+
+def print_vision(rows: list[dict], args, device: torch.device) -> None:
+    print(f"\n### GRC cost, {device_name(device)}, batch {args.batch_size}, {args.img_size}px, amp={args.amp}\n")
+    print("| model | variant | params M (base -> cached) | GMACs/img | MAC ratio | train img/s (base -> cached) "
+          "| train time ratio | infer img/s (base -> cached) | infer time ratio | <= 1.05 x MAC ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ok = "yes" if r["train_ok"] and r["infer_ok"] else \
+            f"no (train {'ok' if r['train_ok'] else 'over'}, infer {'ok' if r['infer_ok'] else 'over'})"
+        print(f"| {r['model']} | {r['variant']} | {r['params_m'][0]:.2f} -> {r['params_m'][1]:.2f} "
+              f"| {r['gmacs'][0]:.2f} -> {r['gmacs'][1]:.2f} | {r['mac_ratio']:.3f} "
+              f"| {r['train'][0]:.1f} -> {r['train'][1]:.1f} | {r['train_ratio']:.3f} "
+              f"| {r['infer'][0]:.1f} -> {r['infer'][1]:.1f} | {r['infer_ratio']:.3f} | {ok} |")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default="vision", help="comma list of vision, lra, throughput")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 64 on GPU, 8 on CPU")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--reference", action="store_true", help="also time the literal released-module layer")
+    p.add_argument("--lra-lengths", default="512,1024,2048,4096")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda was asked for but no GPU is visible; run with --device cpu.")
+    if args.batch_size is None:
+        args.batch_size = 64 if device.type == "cuda" else 8
+    torch.manual_seed(0)
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    unknown = set(suites) - {"vision", "lra", "throughput"}
+    if unknown:
+        p.error(f"unknown suite(s) {sorted(unknown)}; choose from vision, lra, throughput.")
+    if "vision" in suites:
+        print_vision(vision_suite(args, device), args, device)
+    if "lra" in suites:
+        from tasks.lra.benchmark import lra_sequence_benchmark
+        lra_sequence_benchmark(lengths=tuple(int(v) for v in args.lra_lengths.split(",")), device=device)
+    if "throughput" in suites:
+        from tasks.paper.throughput import main as throughput_main
+        throughput_main(["--device", str(device), "--batch-size", str(args.batch_size)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

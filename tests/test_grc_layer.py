@@ -1,0 +1,245 @@
+"""The GRC layer: parity with the released module, cache rules, causal and padding behaviour, sync."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.checkpoint import checkpoint
+
+from cached_transformers import (GRCAttention, GRCConfig, SelfAttention, SRAttention, convert_reference_state_dict,
+                                 copy_caches, grc_layers, mixing_weights, reset_caches)
+from cached_transformers.grc.reference import RefGRC
+
+torch.manual_seed(0)
+
+
+def make_pvt_layer(dim=64, heads=2, sr=2, grid=(8, 8), prefix=0, config=None):
+    cfg = config or GRCConfig.make()
+    dm = int(dim * cfg.ratio)
+    return GRCAttention(dim, heads, SRAttention(dim, heads, qkv_bias=True, sr_ratio=sr),
+                        cache_len=prefix + grid[0] * grid[1], config=cfg,
+                        mem_attn=SRAttention(dm, heads, qkv_bias=True, sr_ratio=sr if cfg.mem_reduce else 1),
+                        cache_grid=grid, num_prefix_tokens=prefix)
+
+
+def ref_and_converted(dim=64, heads=2, sr=2, grid=(8, 8), prefix=0):
+    ref = RefGRC(dim, heads, sr, prefix + grid[0] * grid[1], cls_dim=prefix)
+    with torch.no_grad():
+        for p in ref.parameters():  # move every parameter off its init so all paths are exercised
+            p.add_(torch.randn_like(p) * 0.05)
+        ref.gr_cache.normal_()
+    sd = {f"blk.attn.{k}": v for k, v in ref.state_dict().items()}
+    ours = make_pvt_layer(dim, heads, sr, grid, prefix)
+    ours.load_state_dict({k[len("blk.attn."):]: v for k, v in convert_reference_state_dict(sd).items()}, strict=True)
+    return ref, ours
+
+
+@pytest.mark.parametrize("prefix,sr", [(0, 2), (1, 1)])
+def test_reference_parity_train_and_eval(prefix, sr):
+    ref, ours = ref_and_converted(prefix=prefix, sr=sr)
+    x = torch.randn(3, prefix + 64, 64)
+    for mode in ("train", "train", "eval"):
+        ref.train(mode == "train"), ours.train(mode == "train")
+        torch.testing.assert_close(ours(x, 8, 8), ref(x, 8, 8), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.cache, ref.gr_cache, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_parity_gradients():
+    ref, ours = ref_and_converted()
+    x = torch.randn(2, 64, 64)
+    ref(x, 8, 8).square().sum().backward()
+    ours(x, 8, 8).square().sum().backward()
+    g_ref = torch.cat([ref.linear_reset.weight.grad, ref.linear_update.weight.grad])
+    torch.testing.assert_close(ours.gate.weight.grad, g_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.self_attn.q.weight.grad, ref.attn_self_func.q.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.lam.grad, ref.lam.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_is_buffer_from_construction_and_round_trips():
+    layer = make_pvt_layer()
+    assert "cache" in dict(layer.named_buffers()) and layer.cache.shape == (1, 64, 32)
+    layer.train()(torch.randn(2, 64, 64), 8, 8)
+    fresh = make_pvt_layer()
+    fresh.load_state_dict(layer.state_dict(), strict=True)
+    assert torch.equal(fresh.cache, layer.cache) and layer.cache.abs().sum() > 0
+    reset_caches(layer)
+    assert layer.cache.abs().sum() == 0
+
+
+def test_cache_changes_in_train_not_in_eval_or_no_grad():
+    layer = make_pvt_layer()
+    x = torch.randn(2, 64, 64)
+    before = layer.cache.clone()
+    layer.train()(x, 8, 8)
+    after_train = layer.cache.clone()
+    assert not torch.equal(before, after_train)
+    with torch.no_grad():
+        layer(x, 8, 8)  # validation inside training: still train mode, but no_grad
+    layer.eval()(x, 8, 8)
+    assert torch.equal(layer.cache, after_train)
+
+
+def test_eval_is_deterministic_and_any_input_length_works():
+    layer = make_pvt_layer().eval()
+    x = torch.randn(2, 64, 64)
+    assert torch.equal(layer(x, 8, 8), layer(x, 8, 8))
+    y = layer(torch.randn(2, 6 * 10, 64), 6, 10)  # non-square, other size: resized to T_m
+    assert y.shape == (2, 60, 64)
+
+
+def test_single_update_under_activation_checkpointing():
+    torch.manual_seed(1)
+    layer = make_pvt_layer()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 64, 64, requires_grad=True)
+    xt = x.detach().clone().requires_grad_(True)
+    layer.train(), twin.train()
+    out = checkpoint(layer, x, 8, 8, use_reentrant=False)
+    out.square().sum().backward()
+    twin(xt, 8, 8).square().sum().backward()
+    torch.testing.assert_close(layer.cache, twin.cache)  # updated once, with the same value
+    torch.testing.assert_close(x.grad, xt.grad)
+    torch.testing.assert_close(layer.gate.weight.grad, twin.gate.weight.grad)
+
+
+def lm_layer(causal=True, padding="valid", cache_len=12):
+    cfg = GRCConfig.make(causal=causal, padding=padding, pos_encoding="none")
+    return GRCAttention(32, 4, SelfAttention(32, 4, causal=causal), cache_len=cache_len, config=cfg)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_causal_mode_does_not_leak_future_tokens(training):
+    layer = lm_layer()
+    layer.train()(torch.randn(4, 12, 32))  # give the stored cache content
+    x = torch.randn(2, 12, 32)
+    y = x.clone()
+    i = 5
+    y[:, i + 1:] = torch.randn_like(y[:, i + 1:])
+    a, b = copy.deepcopy(layer).train(training), copy.deepcopy(layer).train(training)
+    torch.testing.assert_close(a(x)[:, : i + 1], b(y)[:, : i + 1])
+    assert not torch.allclose(a(x)[:, i + 1:], b(y)[:, i + 1:])
+
+
+def test_non_causal_mode_does_see_the_whole_sequence():
+    layer = lm_layer(causal=False).eval()
+    x = torch.randn(1, 12, 32)
+    y = x.clone()
+    y[:, -1] += 1.0
+    assert not torch.allclose(layer(x)[:, 0], layer(y)[:, 0])
+
+
+def test_padding_does_not_change_cache_or_valid_outputs():
+    layer = lm_layer(causal=False, cache_len=16)
+    valid = torch.randn(3, 10, 32)
+    outs, caches = [], []
+    for total in (10, 17, 25):
+        x = torch.cat([valid, torch.randn(3, total - 10, 32) * 5], dim=1)
+        mask = torch.zeros(3, total, dtype=torch.bool)
+        mask[:, 10:] = True
+        twin = copy.deepcopy(layer).train()
+        outs.append(twin(x, key_padding_mask=mask)[:, :10])
+        caches.append(twin.cache)
+    for o, c in zip(outs[1:], caches[1:]):
+        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, caches[0], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_valid_uses_only_valid_tokens_with_left_padding_too():
+    layer = lm_layer(causal=False, cache_len=8).train()
+    valid = torch.randn(1, 6, 32)
+    right = torch.cat([valid, torch.zeros(1, 3, 32)], 1)
+    left = torch.cat([torch.zeros(1, 3, 32), valid], 1)
+    m_right = torch.tensor([[False] * 6 + [True] * 3])
+    m_left = torch.tensor([[True] * 3 + [False] * 6])
+    xu_r = layer._summary(right, m_right)
+    xu_l = layer._summary(left, m_left)
+    torch.testing.assert_close(xu_r, xu_l)
+
+
+SWITCHES = [dict(preset="paper"), dict(lambda_init=0.0), dict(candidate="linear"), dict(gate_bias=False),
+            dict(concat_order="input_first"), dict(update_source="input"), dict(mem_query="update_source"),
+            dict(resize="linear"), dict(mem_kv="batch_mean"), dict(pos_encoding="none"), dict(mem_reduce=False),
+            dict(ratio=0.25), dict(sync="none")]
+
+
+@pytest.mark.parametrize("switch", SWITCHES, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_every_switch_trains(switch):
+    cfg = GRCConfig.make(**switch)
+    layer = make_pvt_layer(config=cfg).train()
+    x = torch.randn(2, 64, 64, requires_grad=True)
+    out = layer(torch.randn(2, 64, 64), 8, 8)  # first step fills the cache
+    out = layer(x, 8, 8)
+    out.square().mean().backward()
+    assert torch.isfinite(out).all() and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for n, p in layer.named_parameters()), "every parameter gets a gradient"
+
+
+def test_presets_and_switches_differ_where_documented():
+    ref, paper = GRCConfig.make(), GRCConfig.make(preset="paper")
+    differing = {f.name for f in dataclasses.fields(GRCConfig)
+                 if getattr(ref, f.name) != getattr(paper, f.name)}
+    assert differing == {"preset", "lambda_init", "candidate", "gate_bias", "concat_order", "update_source",
+                         "mem_query", "resize", "mem_kv", "padding", "mem_reduce"}
+    assert GRCConfig.make(GRCConfig.make(candidate="linear"), preset="paper").candidate == "linear"
+    assert GRCConfig.make(grc_ratio=0.25).ratio == 0.25
+
+
+@pytest.mark.parametrize("bad,match", [(dict(ratio=0.3), "not divisible|does not split"),
+                                       (dict(foo=1), "Unknown GRC option"),
+                                       (dict(preset="nope"), "Unknown GRC preset"),
+                                       (dict(sync="max"), "sync")])
+def test_bad_options_give_clear_errors(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make_pvt_layer(config=GRCConfig.make(**bad))
+
+
+def test_converter_rejects_incomplete_state_dicts():
+    ref = RefGRC(64, 2, 2, 64)
+    sd = {f"blk.attn.{k}": v for k, v in ref.state_dict().items()}
+    del sd["blk.attn.linear_update.weight"]
+    with pytest.raises(KeyError, match="linear_update.weight"):
+        convert_reference_state_dict(sd)
+    with pytest.raises(KeyError, match="not a state_dict of the released GRC code"):
+        convert_reference_state_dict({"head.weight": torch.zeros(1)})
+
+
+def test_converter_accepts_tk_mem_and_wrapped_checkpoints():
+    ref = RefGRC(64, 2, 2, 64)
+    sd = {f"module.blk.attn.{k}".replace("gr_cache", "tk_mem"): v for k, v in ref.state_dict().items()}
+    out = convert_reference_state_dict({"model": sd})
+    assert "blk.attn.cache" in out and "blk.attn.gate.weight" in out and out["blk.attn.gate.weight"].shape == (64, 64)
+
+
+def test_model_helpers_copy_and_report():
+    a, b = make_pvt_layer(), make_pvt_layer()
+    a.train()(torch.randn(2, 64, 64), 8, 8)
+    wrapper = torch.nn.Sequential(a)
+    assert len(grc_layers(wrapper)) == 1
+    assert copy_caches(a, b) == 1 and torch.equal(a.cache, b.cache)
+    w = mixing_weights(wrapper)
+    torch.testing.assert_close(w["0"], torch.sigmoid(torch.full((2,), -1.0)))
+
+
+# ---------------------------------------------------------------- multi-process sync (gloo)
+def _sync_worker(rank, world, init_file, sync, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    layer = make_pvt_layer(config=GRCConfig.make(sync=sync)).train()
+    torch.manual_seed(100 + rank)  # every rank sees different data
+    layer(torch.randn(2, 64, 64), 8, 8).sum().backward()
+    torch.save(layer.cache, os.path.join(out_dir, f"cache{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sync,identical", [("mean", True), ("none", False)])
+def test_cache_sync_across_two_gloo_processes(sync, identical):
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_sync_worker, args=(2, os.path.join(d, "init"), sync, d), nprocs=2, join=True)
+        c0, c1 = torch.load(os.path.join(d, "cache0.pt")), torch.load(os.path.join(d, "cache1.pt"))
+    assert torch.equal(c0, c1) is identical
