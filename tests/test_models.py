@@ -1,0 +1,309 @@
+"""The vision backbones: registration, GRC wiring, cache rules inside whole models, loading, features.
+
+Fast CPU tests: behaviour is checked on small inputs (64 x 64, 10 classes) for one model per family;
+the big models (PVT medium/large, PVTv2 B3-B5) are only built on the meta device (names, counts).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from timm.layers import use_reentrant_ckpt
+
+import cached_transformers  # noqa: F401  (registers the models)
+from cached_transformers import GRCConfig, grc_layers
+from cached_transformers.models import (BASELINES, MODEL_NAMES, available_models, baseline_key_to_grc,
+                                        create_model, load_checkpoint)
+
+torch.manual_seed(0)
+
+SWIN = "swin_tiny_patch4_window7_224_grc"
+# small, fast build arguments per model (64 x 64 inputs, 10 classes)
+SMALL = {
+    "pvt_tiny": dict(img_size=64),
+    "pvt_tiny_grc": dict(img_size=64),
+    "vit_small_patch16_224_grc": dict(img_size=64, depth=4),
+    "pvt_v2_b0_grc": dict(img_size=64),
+    SWIN: dict(img_size=64, window_size=4, embed_dim=48, depths=(2, 2, 2, 2)),
+}
+FAST = list(SMALL)
+CACHED_FAST = [n for n in FAST if n.endswith("_grc")]
+BIG = {"pvt_medium", "pvt_large", "pvt_medium_grc", "pvt_large_grc", "pvt_v2_b3_grc", "pvt_v2_b4_grc", "pvt_v2_b5_grc"}
+
+
+def build(name: str, **kw) -> torch.nn.Module:
+    args = dict(SMALL.get(name, {}), num_classes=10)
+    args.update(kw)
+    return timm.create_model(name, pretrained=False, **args)
+
+
+def images(n: int = 2, size: int = 64, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def on_meta(name: str, **kw) -> torch.nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **kw)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def caches(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.cache.clone() for k, v in grc_layers(model).items()}
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+
+
+# ---------------------------------------------------------------------- registry
+def test_registered_names():
+    expected = {f"pvt_{s}{g}" for s in ("tiny", "small", "medium", "large") for g in ("", "_grc")}
+    expected |= {f"pvt_v2_b{i}_grc" for i in range(6)} | {SWIN, "vit_small_patch16_224_grc"}
+    assert set(MODEL_NAMES) == expected and len(MODEL_NAMES) == len(expected)
+    assert all(timm.is_model(n) for n in MODEL_NAMES)
+    assert set(BASELINES) == {n for n in MODEL_NAMES if n.endswith("_grc")}
+    assert all(timm.is_model(b) for b in BASELINES.values())
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_builds_and_grc_off_is_baseline(name):
+    """Every registered model builds; GRC models have GRC layers, and with GRC off equal their baseline."""
+    kw = dict(depths=(1, 1, 1, 1)) if name in BIG else {}  # same wiring, fewer blocks, for speed
+    model = on_meta(name, **kw)
+    layers = grc_layers(model)
+    assert bool(layers) == name.endswith("_grc")
+    if not name.endswith("_grc"):
+        return
+    assert all(".self_attn" not in k for k in layers)
+    off, base = on_meta(name, grc=False, **kw), on_meta(BASELINES[name], **kw)
+    off_dict = on_meta(name, grc=dict(enabled=False), **kw)
+    base_names = [k for k, _ in base.named_parameters()]
+    for m in (off, off_dict):
+        assert type(m) is type(base) and not grc_layers(m)
+        assert [k for k, _ in m.named_parameters()] == base_names
+        assert list(m.state_dict()) == list(base.state_dict())
+        assert n_params(m) == n_params(base)
+    # baseline keys map 1:1 into the cached model with ".self_attn." inserted
+    cached_keys = set(model.state_dict())
+    mapped = {baseline_key_to_grc(k) for k in base.state_dict()}
+    assert mapped <= cached_keys
+    assert all(".attn." in k for k in cached_keys - mapped)
+
+
+# ---------------------------------------------------------------------- parameter counts
+@pytest.mark.parametrize("size,base,cached", [("tiny", 13.23, 15.67), ("small", 24.49, 29.36),
+                                              ("medium", 44.21, 53.48)])
+def test_pvt_param_counts_at_224(size, base, cached):
+    assert round(n_params(on_meta(f"pvt_{size}")) / 1e6, 2) == base
+    assert round(n_params(on_meta(f"pvt_{size}_grc")) / 1e6, 2) == cached
+
+
+def test_pvt_official_layout_and_cache_lengths():
+    model = on_meta("pvt_tiny_grc")
+    lens = {k: v.cache_len for k, v in grc_layers(model).items()}
+    assert [lens[f"block{i}.0.attn"] for i in range(1, 5)] == [3136, 784, 196, 50]
+    assert grc_layers(model)["block4.1.attn"].num_prefix_tokens == 1
+    keys = set(on_meta("pvt_tiny").state_dict())
+    for k in ("pos_embed1", "pos_embed4", "cls_token", "patch_embed1.proj.weight", "patch_embed4.norm.bias",
+              "block1.0.attn.q.weight", "block1.0.attn.kv.bias", "block1.0.attn.sr.weight",
+              "block1.0.attn.norm.weight", "block1.0.mlp.fc1.weight", "block4.1.mlp.fc2.bias", "norm.weight",
+              "head.weight"):
+        assert k in keys, k
+    assert "block4.0.attn.sr.weight" not in keys
+    assert on_meta("pvt_tiny").pos_embed4.shape == (1, 50, 512)
+    assert {v.cache_len for v in grc_layers(on_meta("vit_small_patch16_224_grc")).values()} == {197}
+    assert {v.cache_len for v in grc_layers(on_meta(SWIN)).values()} == {49}
+
+
+# ---------------------------------------------------------------------- behaviour (small models)
+@pytest.mark.parametrize("name", FAST)
+def test_forward_backward(name):
+    model = build(name)
+    out = model(images())
+    assert out.shape == (2, 10)
+    out.square().mean().backward()
+    missing = [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", CACHED_FAST)
+def test_cache_written_in_train_only(name):
+    model = build(name)
+    before = caches(model)
+    assert all(c.abs().sum() == 0 for c in before.values())
+    model.train()
+    with torch.no_grad():  # validation inside training
+        model(images())
+    assert all(torch.equal(before[k], c) for k, c in caches(model).items())
+    model.eval()
+    model(images())
+    assert all(torch.equal(before[k], c) for k, c in caches(model).items())
+    train_step(model, images())
+    after = caches(model)
+    assert all(not torch.equal(before[k], c) for k, c in after.items())
+
+
+@pytest.mark.parametrize("name", CACHED_FAST)
+def test_state_dict_round_trip_and_eval_determinism(name):
+    model = build(name)
+    train_step(model, images(seed=2))
+    model.eval()
+    x = images(seed=3)
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.equal(ref, model(x))  # eval is deterministic and leaves the cache alone
+    torch.manual_seed(123)
+    fresh = build(name)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    fresh.eval()
+    for k, c in caches(model).items():
+        assert torch.equal(c, grc_layers(fresh)[k].cache)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", CACHED_FAST)
+def test_activation_checkpointing_writes_cache_once(name):
+    assert not use_reentrant_ckpt()  # timm's blocks checkpoint non-reentrantly (PVT v1 always does)
+    plain = build(name)
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    writes: dict[str, int] = {}
+    for k, layer in grc_layers(ckpt).items():
+        def count(new, k=k):
+            writes[k] = writes.get(k, 0) + 1
+            return new
+        layer.sync_fn = count
+    x = images(seed=4)
+    torch.manual_seed(5)  # same stochastic-depth draws in both runs (Swin defaults to drop_path_rate 0.1)
+    train_step(plain, x)
+    torch.manual_seed(5)
+    train_step(ckpt, x)
+    assert writes == {k: 1 for k in grc_layers(ckpt)}
+    for k, c in caches(plain).items():
+        torch.testing.assert_close(grc_layers(ckpt)[k].cache, c)
+    grads = dict(ckpt.named_parameters())
+    for k, p in plain.named_parameters():
+        torch.testing.assert_close(grads[k].grad, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_pvt_other_input_size_and_baseline_weights():
+    """Other resolutions work (pos embeds and summaries resized); baseline weights load into the cached model."""
+    model = build("pvt_tiny_grc")
+    model.eval()
+    assert model(images(1, size=96)).shape == (1, 10)
+    base = build("pvt_tiny")
+    sd = {baseline_key_to_grc(k): v for k, v in base.state_dict().items()}
+    result = model.load_state_dict(sd, strict=False)
+    assert not result.unexpected_keys
+    assert all(".attn." in k for k in result.missing_keys)
+    torch.testing.assert_close(model.block1[0].attn.self_attn.q.weight, base.block1[0].attn.q.weight)
+    # GRC off: the baseline checkpoint loads strictly and gives the baseline's outputs
+    off = build("pvt_tiny_grc", grc=False)
+    off.load_state_dict(base.state_dict(), strict=True)
+    off.eval(), base.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(off(images()), base(images()), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- features
+@pytest.mark.parametrize("name", FAST)
+def test_features_only(name):
+    model = build(name, features_only=True, out_indices=(0, 1, 2, 3) if "vit" not in name else (1, 2, 3))
+    feats = model(images())
+    if "vit" in name:
+        assert [tuple(f.shape) for f in feats] == [(2, 384, 4, 4)] * 3
+        return
+    chans = model.feature_info.channels()
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    for i, (f, c) in enumerate(zip(feats, chans)):
+        side = 64 // 2 ** (i + 2)
+        expected = (2, side, side, c) if name == SWIN else (2, c, side, side)  # timm's Swin features are NHWC
+        assert tuple(f.shape) == expected
+    if name.endswith("_grc"):
+        assert grc_layers(model)
+
+
+def test_pvt_pyramid_feeds_torchvision_fpn():
+    torchvision = pytest.importorskip("torchvision")
+    from collections import OrderedDict
+    backbone = build("pvt_tiny_grc")
+    feats = backbone.forward_features_pyramid(images())
+    assert [tuple(f.shape) for f in feats] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 320, 4, 4), (2, 512, 2, 2)]
+    fpn = torchvision.ops.FeaturePyramidNetwork([64, 128, 320, 512], 32)
+    out = fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+    assert [v.shape[1] for v in out.values()] == [32] * 4
+    sum(v.sum() for v in out.values()).backward()
+    assert backbone.block1[0].attn.gate.weight.grad is not None
+    # the timm features_only wrapper gives the same maps from the same weights
+    wrapped = build("pvt_tiny_grc", features_only=True)
+    wrapped.model.load_state_dict(backbone.state_dict(), strict=False)
+    wrapped.eval(), backbone.eval()
+    with torch.no_grad():
+        for a, b in zip(wrapped(images()), backbone.forward_features_pyramid(images())):
+            torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------- loading with other cache lengths
+def test_cache_length_mismatch_error_and_resize():
+    src = on_meta("pvt_tiny_grc", num_classes=10).to_empty(device="cpu")  # nominal 224: 3136 ... 50
+    sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    dst = build("pvt_tiny_grc", img_size=112)  # 784 / 196 / 49 / 17
+    with pytest.raises(ValueError, match=r"cache length 3136 in the checkpoint but 784 in the model for "
+                                         r"block1\.0\.attn\.cache; pass resize_cache=True to resize"):
+        load_checkpoint(dst, sd)
+    with pytest.raises(ValueError, match=r"position embedding pos_embed1 has 3136 tokens in the checkpoint but 784"):
+        load_checkpoint(dst, sd, resize_cache=True)
+    load_checkpoint(dst, sd, resize_cache=True, resize_pos_embed=True)
+    with torch.no_grad():
+        assert dst(images(1, size=112)).shape == (1, 10)
+    layer = grc_layers(dst)["block1.0.attn"]
+    assert layer.cache.shape == (1, 784, 32)
+    expected = torch.nn.functional.interpolate(sd["block1.0.attn.cache"].transpose(1, 2), size=784,
+                                               mode="nearest").transpose(1, 2)
+    torch.testing.assert_close(layer.cache, expected)
+    torch.testing.assert_close(dst.head.weight, sd["head.weight"])
+    # equal lengths load as usual, wrapped checkpoints too
+    again = build("pvt_tiny_grc", img_size=112)
+    load_checkpoint(again, {"state_dict": dst.state_dict()})
+    torch.testing.assert_close(grc_layers(again)["block1.0.attn"].cache, layer.cache)
+    # another ratio: a clear error, not resizable
+    other = build("pvt_tiny_grc", img_size=112, grc_ratio=0.25)
+    with pytest.raises(ValueError, match="another GRC ratio"):
+        load_checkpoint(other, dst.state_dict())
+
+
+# ---------------------------------------------------------------------- errors and options
+def test_unknown_model_name():
+    with pytest.raises(ValueError) as err:
+        create_model("pvt_tinyy_grc")
+    msg = str(err.value)
+    assert "pvt_tinyy_grc" in msg and ", ".join(available_models()) in msg
+    assert available_models() == sorted(available_models())
+    assert isinstance(create_model("pvt_tiny", img_size=64, num_classes=10), torch.nn.Module)
+
+
+def test_grc_options():
+    with pytest.raises(ValueError, match="does not split into"):
+        build("pvt_tiny_grc", grc_ratio=0.3)
+    with pytest.raises(TypeError, match="Unknown GRC option"):
+        build("pvt_tiny_grc", grc_colour="blue")
+    with pytest.raises(TypeError, match="use pvt_tiny_grc"):
+        build("pvt_tiny", grc_ratio=0.25)
+    with pytest.raises(ValueError, match="linear attention"):
+        on_meta("pvt_v2_b0_grc", linear=True)
+    cfg = GRCConfig.make(preset="paper")
+    for model in (on_meta("pvt_tiny_grc", grc=cfg), on_meta("pvt_tiny_grc", grc=dict(preset="paper")),
+                  on_meta("pvt_tiny_grc", grc_preset="paper")):
+        layer = grc_layers(model)["block1.0.attn"]
+        assert layer.config.preset == "paper" and layer.mem_attn.sr_ratio == 1  # paper: no cache reduction
+    quarter = grc_layers(on_meta("pvt_v2_b0_grc", grc_ratio=0.25))["stages.0.blocks.0.attn"]
+    assert quarter.mem_dim == 8 and quarter.mem_attn.sr_ratio == 8
