@@ -15,10 +15,7 @@ No test times anything: speed is measured here and only here.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,60 +26,16 @@ import timm  # noqa: E402
 
 import cached_transformers  # noqa: E402,F401  (registers the models)
 from cached_transformers.profiling import count_macs, count_params  # noqa: E402
+from tasks.paper.throughput import measure_model  # noqa: E402
 
 PAIRS = [("pvt_tiny", "pvt_tiny_grc"), ("vit_small_patch16_224", "vit_small_patch16_224_grc")]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def time_fn(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds of ``fn()`` over ``iters`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(model: torch.nn.Module, args, device: torch.device) -> dict:
-    """Train-step and inference seconds per batch of one model."""
-    model = model.to(device)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
-
-    def train_step():
-        model.train()
-        with _autocast(device, args.amp):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-
-    @torch.inference_mode()
-    def infer():
-        model.eval()
-        with _autocast(device, args.amp):
-            model(x)
-
-    return {"train": time_fn(train_step, device, args.warmup, args.iters),
-            "infer": time_fn(infer, device, args.warmup, args.iters)}
+    """Train-step and inference seconds per batch of one model (timing from tasks.paper.throughput)."""
+    r = measure_model(model, args.batch_size, args.img_size, device, warmup=args.warmup, iters=args.iters,
+                      amp=args.amp)
+    return {"train": args.batch_size / r["train_img_s"], "infer": args.batch_size / r["test_img_s"]}
 
 
 def build(name: str, args) -> torch.nn.Module:
@@ -181,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print_vision(vision_suite(args, device), args, device)
     if "lra" in suites:
         from tasks.lra.benchmark import lra_sequence_benchmark
-        lra_sequence_benchmark(lengths=tuple(int(v) for v in args.lra_lengths.split(",")), device=device)
+        lra_sequence_benchmark(lengths=tuple(int(v) for v in args.lra_lengths.split(",")), device=str(device))
     if "throughput" in suites:
         from tasks.paper.throughput import main as throughput_main
         throughput_main(["--device", str(device), "--batch-size", str(args.batch_size)])

@@ -1,0 +1,228 @@
+"""Build the one Hydra multirun command that runs every row of a paper table, baseline and cached.
+
+Experiment files live in ``configs/experiment/paper/table<N>_<row>_<variant>.yaml`` and carry
+``paper: {table, row, variant, metrics}``; the block is read from the file (the name is the fallback).
+The command is::
+
+    python train.py -m experiment=paper/table1_pvt_tiny_baseline,paper/table1_pvt_tiny_cached,... \\
+        seed=0,1,2 sweep_name=table1 ckpt_path=last hydra/launcher=slurm_8gpu \\
+        trainer.devices=8 trainer.num_nodes=1 [extra overrides]
+
+* ``sweep_name=table<N>``: every job lands in ``multirun/table<N>/<job overrides>/`` (no timestamps);
+  ``python scripts/compare.py multirun/table<N>`` reads them all.
+* ``ckpt_path=last``: a requeued (or re-launched) job resumes from its newest checkpoint and a new one
+  starts from scratch (the framework treats a missing checkpoint as a fresh start).
+* ``trainer.devices`` / ``trainer.num_nodes``: taken from the launcher's ``gpus_per_node`` / ``nodes``
+  (or your ``hydra.launcher.*`` overrides), because Lightning requires devices == --ntasks-per-node
+  and num_nodes == --nodes under SLURM. Not added for local launchers or when you pass them.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from .tables import get_table, load_tables, norm
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs"
+# the launcher each paper table is meant for (ImageNet: 8 GPUs x total batch 1024 in the paper's recipe)
+DEFAULT_LAUNCHER = {1: "slurm_8gpu", 2: "slurm_8gpu", 8: "slurm_8gpu", 10: "slurm_8gpu", 3: "slurm_8gpu",
+                    4: "slurm_8gpu"}
+LOCAL_LAUNCHERS = {"local", "basic", "submitit_local", "none"}
+_NAME = re.compile(r"^table(\d+)_(.+)_([a-z0-9]+)$")
+
+
+class SweepError(ValueError):
+    """A user-fixable problem with a sweep request (unknown table, row, launcher...)."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment file of a paper table."""
+
+    name: str          # the Hydra choice, e.g. "paper/table1_pvt_tiny_cached"
+    table: int
+    row: str
+    variant: str
+    path: Path
+
+
+def _experiment_from_file(path: Path, group_dir: Path) -> Experiment | None:
+    name = path.relative_to(group_dir).with_suffix("").as_posix()
+    m = _NAME.match(path.stem)
+    table = row = variant = None
+    if m:
+        table, row, variant = int(m.group(1)), m.group(2), m.group(3)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        data = {}
+    paper = data.get("paper") if isinstance(data, dict) else None
+    if isinstance(paper, dict) and paper.get("table") is not None:
+        try:
+            table = int(str(paper["table"]).lower().removeprefix("table"))
+        except ValueError:
+            pass
+        row = str(paper.get("row", row))
+        variant = str(paper.get("variant", variant))
+    if table is None or row is None or variant is None:
+        return None
+    return Experiment(name=name, table=table, row=row, variant=variant, path=path)
+
+
+def paper_experiments(config_dir: str | Path = CONFIG_DIR) -> dict[int, list[Experiment]]:
+    """Every ``configs/experiment/paper/table*.yaml`` by table number, in the paper's row order."""
+    group_dir = Path(config_dir) / "experiment"
+    out: dict[int, list[Experiment]] = {}
+    for path in sorted((group_dir / "paper").glob("table*.yaml")):
+        exp = _experiment_from_file(path, group_dir)
+        if exp is not None:
+            out.setdefault(exp.table, []).append(exp)
+    tables = load_tables()
+    for tid, exps in out.items():
+        table = tables.get(tid)
+        if table is None:
+            continue
+        rows = [norm(r.key) for r in table.rows]
+
+        def order(e: Experiment) -> tuple[int, int, str]:
+            row = table.row(e.row)
+            r = rows.index(norm(row.key)) if row is not None else len(rows)
+            v = table.variant(e.variant)
+            return r, table.variants.index(v) if v in table.variants else 99, e.name
+        exps.sort(key=order)
+    return out
+
+
+def _parse_table(table: str | int) -> int:
+    try:
+        return int(str(table).lower().strip().removeprefix("table"))
+    except ValueError:
+        raise SweepError(f"--table must be a number such as 1 or 6, got {table!r}.") from None
+
+
+def _override_value(overrides: Sequence[str], key: str) -> str | None:
+    for o in reversed(overrides):
+        k, sep, v = o.lstrip("+").partition("=")
+        if sep and k == key:
+            return v
+    return None
+
+
+def launcher_resources(launcher: str, overrides: Sequence[str] = (), config_dir: str | Path = CONFIG_DIR
+                       ) -> tuple[int, int] | None:
+    """(gpus_per_node, nodes) a SLURM launcher config asks for (after ``hydra.launcher.*`` overrides).
+
+    None for local launchers. Follows the launcher file's ``defaults`` chain within the group.
+    """
+    if launcher in LOCAL_LAUNCHERS:
+        return None
+    group = Path(config_dir) / "hydra" / "launcher"
+    values: dict[str, object] = {}
+    chain: list[dict] = []
+    name: str | None = launcher
+    while name:
+        path = group / f"{name}.yaml"
+        if not path.is_file():
+            if name == "submitit_slurm":  # the plugin's own defaults
+                chain.append({"gpus_per_node": None, "nodes": 1})
+                break
+            known = sorted(p.stem for p in group.glob("*.yaml")) + ["submitit_local", "submitit_slurm"]
+            raise SweepError(f"Unknown launcher {name!r}; choose one of {', '.join(known)}.")
+        data = yaml.safe_load(path.read_text()) or {}
+        chain.append(data)
+        parents = [d for d in data.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+        name = parents[0] if parents else None
+    for data in reversed(chain):
+        values.update({k: v for k, v in data.items() if k != "defaults"})
+    gpus = _override_value(overrides, "hydra.launcher.gpus_per_node") or values.get("gpus_per_node") or 0
+    nodes = _override_value(overrides, "hydra.launcher.nodes") or values.get("nodes") or 1
+    try:
+        return int(gpus), int(nodes)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SweepError(f"Launcher {launcher!r} has gpus_per_node={gpus!r}, nodes={nodes!r}: pass numbers.") from None
+
+
+def build_sweep_command(table: str | int, seeds: Sequence[int] | str = (0, 1, 2), launcher: str | None = None,
+                        overrides: Sequence[str] = (), rows: Sequence[str] | None = None,
+                        variants: Sequence[str] | None = None, python: str = sys.executable,
+                        config_dir: str | Path = CONFIG_DIR, train_script: str = "train.py") -> list[str]:
+    """The ``train.py -m`` command (argv list) that runs a paper table as one sweep.
+
+    Raises :class:`SweepError` for a table without experiment files (listing those that have them),
+    unknown rows/variants, or an unknown launcher.
+    """
+    tid = _parse_table(table)
+    experiments = paper_experiments(config_dir)
+    if tid not in experiments:
+        have = ", ".join(str(t) for t in sorted(experiments)) or "none"
+        known = "" if tid in load_tables() else f" (the paper's tables are {sorted(load_tables())})"
+        raise SweepError(f"No experiment files for table {tid}{known} in {Path(config_dir) / 'experiment' / 'paper'}. "
+                         f"Tables with experiment files: {have}.")
+    chosen = experiments[tid]
+    paper_table = load_tables().get(tid)
+    if rows:
+        want = {norm(r) for r in rows}
+        if paper_table is not None:
+            want |= {norm(paper_table.row(r).key) for r in rows if paper_table.row(r) is not None}
+        chosen = [e for e in chosen if norm(e.row) in want or
+                  (paper_table is not None and paper_table.row(e.row) is not None
+                   and norm(paper_table.row(e.row).key) in want)]
+        if not chosen:
+            have = sorted({_row_key(paper_table, e.row) for e in experiments[tid]})
+            raise SweepError(f"No experiment of table {tid} matches rows {list(rows)}; rows: {', '.join(have)}.")
+    if variants:
+        want_v = {norm((paper_table.variant(v) if paper_table is not None else None) or v) for v in variants}
+        chosen = [e for e in chosen if norm(e.variant) in want_v or
+                  (paper_table is not None and norm(paper_table.variant(e.variant) or "") in want_v)]
+        if not chosen:
+            have = sorted({e.variant for e in experiments[tid]})
+            raise SweepError(f"No experiment of table {tid} has variants {list(variants)}; variants: {', '.join(have)}.")
+    if isinstance(seeds, str):
+        try:
+            seeds = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise SweepError(f"--seeds must be comma-separated integers, got {seeds!r}.") from None
+    if not seeds:
+        raise SweepError("Give at least one seed.")
+    launcher = launcher or DEFAULT_LAUNCHER.get(tid, "slurm_1gpu")
+    overrides = list(overrides)
+    cmd = [python, train_script, "-m", "experiment=" + ",".join(e.name for e in chosen),
+           "seed=" + ",".join(str(s) for s in seeds)]
+    if _override_value(overrides, "sweep_name") is None:
+        cmd.append(f"sweep_name=table{tid}")
+    if _override_value(overrides, "ckpt_path") is None:
+        cmd.append("ckpt_path=last")
+    if launcher != "none":
+        cmd.append(f"hydra/launcher={launcher}")
+    resources = launcher_resources(launcher, overrides, config_dir)
+    if resources is not None:
+        gpus, nodes = resources
+        if gpus and _override_value(overrides, "trainer.devices") is None:
+            cmd.append(f"trainer.devices={gpus}")
+        if _override_value(overrides, "trainer.num_nodes") is None:
+            cmd.append(f"trainer.num_nodes={nodes}")
+    return cmd + overrides
+
+
+def _row_key(table, row: str) -> str:
+    r = table.row(row) if table is not None else None
+    return r.key if r is not None else row
+
+
+def format_command(cmd: Sequence[str]) -> str:
+    """The command as one shell line (``python`` shown as the interpreter path that runs it)."""
+    return shlex.join(list(cmd))
+
+
+def get_paper_table_title(table: int) -> str:
+    try:
+        return get_table(table).title
+    except KeyError:
+        return f"table {table}"
