@@ -1,0 +1,161 @@
+"""The LightningModule pieces every task shares.
+
+:class:`TaskModule` holds the full resolved run config (``hparams.cfg``) and provides:
+
+* ``configure_optimizers``: parameter groups without weight decay on norms/biases/position
+  embeddings/class tokens, the explicit lr scaling rule (``task.lr_scaling``), the optimizer and the
+  per-step scheduler from their ``_target_`` + ``_partial_: true`` configs;
+* per-step seeding (:mod:`tasks.common.seeding`), so resumed runs draw the same random numbers;
+* the non-finite loss guard (all ranks agree, then stop with a clear message) and a refusal to save a
+  checkpoint whose weights are not finite, so the last good checkpoint survives;
+* checkpoint extras: global RNG states and the EMA weights (the GRC caches are buffers of the model
+  and are in ``state_dict`` already);
+* optional EMA (:class:`tasks.common.ema.CacheCopyingEMA`).
+
+A task subclass builds ``self.model`` and implements ``training_step``/``validation_step``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+
+from .ema import CacheCopyingEMA
+from .errors import ConfigError, NonFiniteLossError
+from .optim import param_groups, scaled_lr
+from .seeding import collect_rng_states, derive_seed, restore_rng_states, seed_globals
+
+log = logging.getLogger(__name__)
+
+
+class TaskModule(pl.LightningModule):
+    """Base LightningModule. ``cfg`` is the resolved run config as a plain dict."""
+
+    model: torch.nn.Module
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters({"cfg": cfg})
+        self.cfg = cfg
+        self.task_cfg: dict[str, Any] = cfg["task"]
+        self.seed = int(cfg.get("seed") or 0)
+        self._ema: CacheCopyingEMA | None = None  # kept outside nn.Module: not trained, not in state_dict
+        self._pending_ema_state: dict[str, Any] | None = None
+        self.last_val_step = -1  # global step of the last (non-sanity) validation
+        self.lr_info: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ optimizer and schedule
+    def total_batch_size(self) -> int:
+        """Samples per optimizer step over all processes: batch_size x world_size x accumulation."""
+        per_device = int(self.cfg["data"]["batch_size"])
+        trainer = self.trainer
+        return per_device * trainer.world_size * int(trainer.accumulate_grad_batches)
+
+    def configure_optimizers(self) -> Any:
+        opt_cfg = dict(self.task_cfg["optimizer"])
+        base_lr = float(opt_cfg.pop("lr"))
+        weight_decay = float(opt_cfg.get("weight_decay", 0.0))
+        scaling = dict(self.task_cfg.get("lr_scaling") or {})
+        total = self.total_batch_size()
+        lr = scaled_lr(base_lr, total, scaling.get("rule", "linear"), int(scaling.get("base_batch_size", 512)))
+        self.lr_info = {"base_lr": base_lr, "total_batch_size": total, "lr": lr}
+        log.info("lr = %g (base %g, total batch %d, rule %s / %s)", lr, base_lr, total,
+                 scaling.get("rule", "linear"), scaling.get("base_batch_size", 512))
+        optimizer = instantiate(opt_cfg, _convert_="all")(param_groups(self.model, weight_decay), lr=lr)
+
+        sched_cfg = self.task_cfg.get("scheduler")
+        if not sched_cfg:
+            return optimizer
+        sched_cfg = dict(sched_cfg)
+        total_steps = sched_cfg.pop("total_steps", None)
+        trainer = self.trainer
+        estimated = trainer.estimated_stepping_batches  # also sets up the train loader (num_training_batches)
+        batches = trainer.num_training_batches
+        steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches)) if math.isfinite(batches) else 1
+        if total_steps is None:
+            total_steps = estimated
+            if not math.isfinite(total_steps):
+                raise ConfigError("The lr schedule needs a finite length: set trainer.max_epochs or "
+                                  "trainer.max_steps (or task.scheduler.total_steps).")
+        log.info("schedule: %d steps, %d per epoch", int(total_steps), steps_per_epoch)
+        scheduler = instantiate(sched_cfg, _convert_="all")(
+            optimizer, total_steps=int(total_steps), steps_per_epoch=steps_per_epoch)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def current_lr(self) -> float:
+        opt = self.optimizers(use_pl_optimizer=False)
+        return float(opt.param_groups[0]["lr"]) if opt is not None else float("nan")
+
+    # ------------------------------------------------------------------ determinism
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        seed_globals(derive_seed(self.seed, "step", self.current_epoch, batch_idx, self.global_rank))
+
+    def on_validation_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.last_val_step = self.global_step
+
+    # ------------------------------------------------------------------ non-finite guard
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop (on every rank at once) when ``loss`` is NaN or infinite, before any update from it."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.trainer.world_size > 1:
+            finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+        if not finite:
+            raise NonFiniteLossError(
+                f"The training loss became non-finite ({float(loss.detach()):g}) at step {self.global_step} "
+                f"(epoch {self.current_epoch}); no checkpoint was written from this state. Resume from the last "
+                f"good checkpoint with ckpt_path=last after lowering task.optimizer.lr or setting "
+                f"trainer.gradient_clip_val (e.g. 1.0).")
+
+    # ------------------------------------------------------------------ EMA
+    def setup(self, stage: str) -> None:
+        ema_cfg = self.task_cfg.get("ema") or {}
+        if stage == "fit" and ema_cfg.get("enabled") and self._ema is None:
+            self._ema = CacheCopyingEMA(self.model, decay=float(ema_cfg.get("decay", 0.99996)),
+                                        warmup=bool(ema_cfg.get("warmup", False)),
+                                        every_n_steps=int(ema_cfg.get("every_n_steps", 1)),
+                                        device=ema_cfg.get("device"))
+            if self._pending_ema_state is not None:
+                self._ema.load_state_dict(self._pending_ema_state)
+                self._pending_ema_state = None
+
+    @property
+    def ema(self) -> CacheCopyingEMA | None:
+        return self._ema
+
+    def on_fit_start(self) -> None:
+        if self._ema is not None:
+            self._ema.to(self.device)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update (before any callback can checkpoint this step)."""
+        super().optimizer_step(*args, **kwargs)
+        if self._ema is not None:
+            self._ema.update(self.model, self.global_step + 1)  # global_step counts this step only after the hook
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteLossError(
+                    f"Refusing to save a checkpoint: model tensor '{name}' is not finite at step "
+                    f"{self.global_step}; the previous checkpoint is kept. Resume from it with ckpt_path=last "
+                    f"and a lower task.optimizer.lr or trainer.gradient_clip_val.")
+        checkpoint["rng_states"] = collect_rng_states()
+        if self._ema is not None:
+            checkpoint["ema_state_dict"] = self._ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
+        state = checkpoint.get("ema_state_dict")
+        if state is not None:
+            if self._ema is not None:
+                self._ema.load_state_dict(state)
+            else:
+                self._pending_ema_state = state
