@@ -24,7 +24,7 @@ CONFIG_DIR = REPO / "configs"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import tasks.common  # noqa: E402,F401  (registers the ct_or resolver)
+import tasks.common  # noqa: E402,F401  (registers the ct_or and ct_job_dir resolvers)
 
 
 def run_if(*, cuda: bool = False, min_gpus: int = 0) -> pytest.MarkDecorator:

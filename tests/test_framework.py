@@ -262,3 +262,12 @@ def test_wandb_failure_falls_back_to_csv(monkeypatch, tmp_path):
     assert len(loggers) == 1 and isinstance(loggers[0], CSVLogger)
     import os
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_sweep_job_dirnames_are_flat_and_short():
+    from tasks.common import job_dirname
+
+    assert job_dirname("experiment=paper/table1_pvt_tiny_cached,seed=0", 3) == \
+        "experiment=paper_table1_pvt_tiny_cached,seed=0"
+    assert job_dirname("", 3) == "job3"
+    assert job_dirname("x=" + "a" * 300, 7) == "job7"

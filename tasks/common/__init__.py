@@ -5,10 +5,25 @@ loader; ``optim`` parameter groups, lr scaling, schedules; ``module`` the base L
 ``ema`` EMA with cache copying; ``callbacks`` last.ckpt owner and GRC logging; ``models`` timm model
 factory; ``runner`` train/evaluate; ``cli`` command-line guards.
 
-Importing this package only registers the OmegaConf resolver ``ct_or`` (``${ct_or:a,b}`` = a, or b
-when a is empty), used by the Hydra sweep directory; it is kept light on purpose.
+Importing this package only registers two OmegaConf resolvers, kept light on purpose:
+``${ct_or:a,b}`` = a, or b when a is empty; ``${ct_job_dir:override_dirname,job_num}`` = the sweep
+job's directory name: the override string with ``/`` replaced by ``_`` (``experiment=paper/...`` must
+not nest directories), or ``job<num>`` when it is empty or too long for a file name (255 bytes).
 """
 from omegaconf import OmegaConf
 
+MAX_DIRNAME = 200
+
+
+def job_dirname(overrides: str | None, job_num) -> str:
+    """Deterministic, file-system-safe name of one sweep job's directory."""
+    name = (overrides or "").replace("/", "_")
+    if not name or len(name.encode()) > MAX_DIRNAME:
+        return f"job{job_num}"
+    return name
+
+
 if not OmegaConf.has_resolver("ct_or"):
     OmegaConf.register_new_resolver("ct_or", lambda a, b: a if a not in (None, "") else b)
+if not OmegaConf.has_resolver("ct_job_dir"):
+    OmegaConf.register_new_resolver("ct_job_dir", job_dirname)
