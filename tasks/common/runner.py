@@ -352,7 +352,7 @@ def evaluate(cfg: DictConfig, cli_overrides: list[str] | None = None) -> dict[st
             cfg.model = stored["model"]
         if "grc" not in given and "experiment" not in given:
             cfg.grc = stored.get("grc")
-        for key in ("num_classes", "img_size"):
+        for key in ("num_classes", "img_size", "max_length"):  # shape-defining data settings
             if not any(o.startswith(f"data.{key}=") for o in (cli_overrides or [])) and key in stored.get("data", {}):
                 cfg.data[key] = stored["data"][key]
 
