@@ -292,7 +292,7 @@ def test_unknown_model_name():
 
 
 def test_grc_options():
-    with pytest.raises(ValueError, match="does not split into"):
+    with pytest.raises(ValueError, match=r"memory width D_m=int\(0.3\*64\)=19, and 19 does not divide D=64"):
         build("pvt_tiny_grc", grc_ratio=0.3)
     with pytest.raises(TypeError, match="Unknown GRC option"):
         build("pvt_tiny_grc", grc_colour="blue")

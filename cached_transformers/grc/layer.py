@@ -42,10 +42,11 @@ def memory_width(dim: int, num_heads: int, ratio: float) -> int:
     """D_m = int(r * D), checked to split into the heads and to group the positional conv."""
     dm = int(dim * ratio)
     if dm <= 0 or dm % num_heads or dim % dm:
+        problem = (f"{dm} is not divisible by the {num_heads} heads" if dm > 0 and dm % num_heads
+                   else f"{dm} does not divide D={dim} (needed by the grouped positional conv)")
         raise ValueError(
-            f"GRC ratio {ratio} gives a memory width D_m={dm} for D={dim} that does not split into "
-            f"{num_heads} heads (or does not divide D); choose a ratio with D*r divisible by the heads and "
-            f"dividing D, e.g. 0.5 or 0.25.")
+            f"GRC ratio {ratio} gives a memory width D_m=int({ratio}*{dim})={dm}, and {problem}; "
+            f"choose a ratio such as 0.5 or 0.25 for which D_m splits evenly.")
     return dm
 
 
