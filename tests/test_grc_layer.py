@@ -243,3 +243,12 @@ def test_cache_sync_across_two_gloo_processes(sync, identical):
         mp.spawn(_sync_worker, args=(2, os.path.join(d, "init"), sync, d), nprocs=2, join=True)
         c0, c1 = torch.load(os.path.join(d, "cache0.pt")), torch.load(os.path.join(d, "cache1.pt"))
     assert torch.equal(c0, c1) is identical
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_valid_token_summary_equals_torch_interpolate_without_padding(mode):
+    layer = GRCAttention(32, 4, SelfAttention(32, 4), cache_len=16,
+                         config=GRCConfig.make(padding="valid", pos_encoding="none", resize=mode))
+    u = torch.randn(2, 11, 16)
+    expected = torch.nn.functional.interpolate(u.transpose(1, 2), size=16, mode=mode).transpose(1, 2)
+    torch.testing.assert_close(layer._summary(u, torch.zeros(2, 11, dtype=torch.bool)), expected)

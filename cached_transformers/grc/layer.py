@@ -138,15 +138,16 @@ class GRCAttention(nn.Module):
             valid = ~key_padding_mask.bool()
             lengths = valid.sum(1).clamp(min=1)                                   # B
             order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # valid first
-            pos = torch.arange(tm, device=u.device, dtype=torch.float32)
-            src = pos[None] * (lengths[:, None].float() / tm)                       # B x T_m
-            if mode == "nearest":
-                idx = torch.minimum(src.floor().long(), lengths[:, None] - 1)
+            pos = torch.arange(tm, device=u.device, dtype=torch.float32)[None]     # 1 x T_m
+            scale = lengths[:, None].float() / tm                                    # B x 1
+            last = lengths[:, None] - 1
+            if mode == "nearest":  # torch's "nearest": src = floor(dst * in / out)
+                idx = torch.minimum((pos * scale).floor().long(), last)
                 gather = torch.gather(order, 1, idx)
                 return torch.gather(u, 1, gather[..., None].expand(-1, -1, u.shape[-1]))
-            src = ((pos[None] + 0.5) * (lengths[:, None].float() / tm) - 0.5).clamp(min=0)
-            lo = torch.minimum(src.floor().long(), lengths[:, None] - 1)
-            hi = torch.minimum(lo + 1, lengths[:, None] - 1)
+            src = ((pos + 0.5) * scale - 0.5).clamp(min=0)  # "linear", align_corners=False
+            lo = torch.minimum(src.floor().long(), last)
+            hi = torch.minimum(lo + 1, last)
             frac = (src - lo.float())[..., None]
             take = lambda i: torch.gather(u, 1, torch.gather(order, 1, i)[..., None].expand(-1, -1, u.shape[-1]))
             return take(lo) * (1 - frac) + take(hi) * frac
