@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 
 import cached_transformers  # noqa: E402,F401  (registers the models)
+from cached_transformers.models import BASELINES  # noqa: E402
 from cached_transformers.profiling import count_macs, count_params  # noqa: E402
 from tasks.paper.throughput import measure_model  # noqa: E402
 
-PAIRS = [("pvt_tiny", "pvt_tiny_grc"), ("vit_small_patch16_224", "vit_small_patch16_224_grc")]
+CACHED_MODELS = ["pvt_tiny_grc", "vit_small_patch16_224_grc"]  # baselines from cached_transformers.models.BASELINES
 
 
 def measure(model: torch.nn.Module, args, device: torch.device) -> dict:
@@ -61,7 +62,8 @@ def reference_pvt_tiny(args) -> torch.nn.Module:
 
 def vision_suite(args, device: torch.device) -> list[dict]:
     rows = []
-    for base_name, grc_name in PAIRS:
+    for grc_name in CACHED_MODELS:
+        base_name = BASELINES[grc_name]
         models = {"baseline": build(base_name, args), "cached": build(grc_name, args)}
         if args.reference and base_name == "pvt_tiny":
             models["released"] = reference_pvt_tiny(args)
