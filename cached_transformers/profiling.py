@@ -43,3 +43,49 @@ def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+def _floor_forward(self, x: torch.Tensor, H: int | None = None, W: int | None = None, *,
+                   key_padding_mask: torch.Tensor | None = None, **host_kwargs) -> torch.Tensor:
+    """GRCAttention.forward with only its matrix products and attention calls, on the same shapes."""
+    b, t, d = x.shape
+    dm, h = self.mem_dim, self.num_heads
+    if key_padding_mask is not None:
+        host_kwargs["key_padding_mask"] = key_padding_mask
+    s = self.self_attn(x, H, W, **host_kwargs) if H is not None else self.self_attn(x, **host_kwargs)
+    source = s if self.config.update_source == "self_output" else x
+    xu = self._summary(source[..., :dm], key_padding_mask)
+    x_cols = slice(dm, 2 * dm) if self.config.concat_order == "cache_first" else slice(0, dm)
+    c_cols = slice(0, dm) if self.config.concat_order == "cache_first" else slice(dm, 2 * dm)
+    const = torch.nn.functional.linear(self.cache, self.gate.weight[:, c_cols])  # cache side, 1 x T_m
+    z = torch.matmul(xu, torch.cat([self.gate.weight[:, x_cols], self.cand.weight[:, x_cols]]).t())
+    z[..., : 2 * dm] += const
+    new = torch.nn.functional.linear(z[..., :dm], self.cand.weight[:, c_cols])  # the reset-side GEMM
+    query = x[..., :dm] if self.config.mem_query == "input" else source[..., :dm]
+    m = self.mem_attn(query, kv=new, kv_hw=self.cache_grid)
+    out = s.clone()  # the one pass any mix needs
+    out.view(b, t, h, d // h)[..., : dm // h].add_(m.view(b, t, h, dm // h))
+    return out
+
+
+def mac_floor_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose GRC layers run only their GEMMs and attention calls.
+
+    Each GRC layer keeps its host attention, its memory attention and the gate and candidate
+    GEMMs on the same shapes, and drops everything else: gate nonlinearities, LayerNorm, the gated
+    update, the lambda mix (one copy and one add remain) and the positional conv (under 2% of the
+    layer's MACs). The cache is not updated.
+    Timing this copy against the baseline gives the lowest time ratio any implementation of the layer
+    could reach with the machine's GEMM and attention kernels (``scripts/benchmark.py --floor``).
+    The copy computes nonsense; it exists to be timed.
+    """
+    import copy
+    import types
+
+    from .grc.layer import GRCAttention
+
+    floor = copy.deepcopy(model)
+    for module in floor.modules():
+        if isinstance(module, GRCAttention):
+            module.forward = types.MethodType(_floor_forward, module)
+    return floor

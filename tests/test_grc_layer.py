@@ -52,12 +52,16 @@ def test_reference_parity_train_and_eval(prefix, sr):
 def test_reference_parity_gradients():
     ref, ours = ref_and_converted()
     x = torch.randn(2, 64, 64)
-    ref(x, 8, 8).square().sum().backward()
-    ours(x, 8, 8).square().sum().backward()
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(x_ref, 8, 8).square().sum().backward()
+    ours(x_ours, 8, 8).square().sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
     g_ref = torch.cat([ref.linear_reset.weight.grad, ref.linear_update.weight.grad])
     torch.testing.assert_close(ours.gate.weight.grad, g_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.self_attn.q.weight.grad, ref.attn_self_func.q.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.lam.grad, ref.lam.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.pos_conv.weight.grad, ref.pos_emb.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.pos_conv.bias.grad, ref.pos_emb.bias.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_cache_is_buffer_from_construction_and_round_trips():
@@ -252,3 +256,28 @@ def test_valid_token_summary_equals_torch_interpolate_without_padding(mode):
     u = torch.randn(2, 11, 16)
     expected = torch.nn.functional.interpolate(u.transpose(1, 2), size=16, mode=mode).transpose(1, 2)
     torch.testing.assert_close(layer._summary(u, torch.zeros(2, 11, dtype=torch.bool)), expected)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pair_grouped_conv_equals_the_grouped_conv_with_exact_gradients(bias):
+    from cached_transformers.grc.posconv import pair_grouped_conv3x3
+
+    x = torch.randn(2, 5, 4, 8, dtype=torch.float64).permute(0, 3, 1, 2)  # channels-last view, as the layer passes it
+    x.requires_grad_(True)
+    w = torch.randn(8, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True) if bias else None
+    expected = torch.nn.functional.conv2d(x, w, b, padding=1, groups=4).permute(0, 2, 3, 1)
+    torch.testing.assert_close(pair_grouped_conv3x3(x, w, b), expected)
+    inputs = (x, w, b) if bias else (x, w)
+    assert torch.autograd.gradcheck(lambda *a: pair_grouped_conv3x3(a[0], a[1], a[2] if bias else None), inputs)
+    with pytest.raises(ValueError, match="C x 2 x 3 x 3"):
+        pair_grouped_conv3x3(x, torch.randn(8, 1, 3, 3, dtype=torch.float64), None)
+
+
+def test_positional_conv_is_the_same_in_training_and_inference():
+    layer = make_pvt_layer(prefix=1, sr=1)
+    x = torch.randn(2, 65, 64, requires_grad=True)
+    trained = layer._positional(x, (8, 8))                   # autograd path: two depthwise convs
+    with torch.no_grad():
+        inferred = layer._positional(x, (8, 8))              # inference path: the grouped conv
+    torch.testing.assert_close(trained, inferred, rtol=1e-5, atol=1e-5)

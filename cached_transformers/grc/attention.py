@@ -73,8 +73,8 @@ class SRAttention(nn.Module):
                 kv_hw = (side, side)
             kv = self.reduce(kv, kv_hw)
         q = _heads(self.q(x), self.num_heads)
-        k, v = self.kv(kv).chunk(2, dim=-1)
-        k, v = _heads(k.contiguous(), self.num_heads), _heads(v.contiguous(), self.num_heads)
+        k, v = self.kv(kv).chunk(2, dim=-1)  # strided views: SDPA reads them without a copy
+        k, v = _heads(k, self.num_heads), _heads(v, self.num_heads)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale,
                                              dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.dim)

@@ -17,8 +17,11 @@ the gate projections is computed once per step on the 1 x T_m stored cache rathe
 the summary-side projections of the three gates share one GEMM; the update is one ``torch.lerp``;
 the lambda mix is a per-channel scale plus an in-place ``addcmul_`` into each head's first D_m/H
 channels (no zero padding is materialised); the positional conv reads the tokens as a channels-last
-view (no copy), which measured faster on CPU than a contiguous copy or two depthwise convs.
-All of this is exact algebra of the released computation, equal to float32 round-off.
+view (no copy) and, when gradients are needed and its groups hold 2 channels (ratio 0.5), runs as
+two depthwise convs with a hand-written backward (``posconv.py``; forward + backward 0.6-0.9x the
+grouped conv's time on CPU). All of this is exact algebra of the released computation, equal to
+float32 round-off. What remains above the MAC cost on CPU is measured by
+``scripts/benchmark.py --floor`` (docs/library.md).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from torch import nn
 
 from .attention import SRAttention
 from .config import GRCConfig
+from .posconv import pair_grouped_conv3x3
 
 
 def _in_backward() -> bool:
@@ -127,8 +131,12 @@ class GRCAttention(nn.Module):
         h, w = grid
         if t - p != h * w:
             raise ValueError(f"GRC positional conv: {t - p} tokens do not fill the {h}x{w} grid.")
-        pe = self.pos_conv(x[:, p:].reshape(b, h, w, c).permute(0, 3, 1, 2))
-        return pe.flatten(2).transpose(1, 2)
+        grid_x = x[:, p:].reshape(b, h, w, c).permute(0, 3, 1, 2)  # channels-last view, no copy
+        conv = self.pos_conv
+        if conv.in_channels // conv.groups == 2 and torch.is_grad_enabled() and x.requires_grad:
+            # training: two depthwise convs with a hand-written backward (grc/posconv.py), same sums
+            return pair_grouped_conv3x3(grid_x, conv.weight, conv.bias).view(b, h * w, c)
+        return conv(grid_x).flatten(2).transpose(1, 2)
 
     def _summary(self, u: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """Resize B x T x D_m to B x T_m x D_m along tokens (valid tokens only if asked)."""

@@ -9,7 +9,8 @@ ratio is what carries over)::
 
 Train = forward + cross-entropy + backward + AdamW step in train mode (the GRC caches update as in
 training); test = eval forward under ``torch.inference_mode``. Each is the median time of ``iters``
-batches after ``warmup``. Synthetic inputs; nothing is read from disk.
+batches after ``warmup``, the baseline and the cached model timed in turn (interleaved), so that a
+machine whose speed drifts affects both alike. Synthetic inputs; nothing is read from disk.
 """
 from __future__ import annotations
 
@@ -31,22 +32,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn, device: torch.device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(max(1, iters)):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure_model(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device,
-                  warmup: int = 3, iters: int = 10, amp: str = "none") -> dict[str, float]:
-    """{"train_img_s", "test_img_s"} of one model on synthetic B x 3 x S x S batches."""
+def _steps(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device, amp: str):
+    """(train_step, test_step) closures of one model on synthetic B x 3 x S x S batches."""
     model = model.to(device)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     classes = getattr(model, "num_classes", 1000) or 1000
@@ -73,9 +60,44 @@ def measure_model(model: torch.nn.Module, batch_size: int, img_size: int, device
         with autocast():
             model(x)
 
-    train = _median_seconds(train_step, device, warmup, iters)
-    test = _median_seconds(test_step, device, warmup, iters)
-    return {"train_img_s": batch_size / train, "test_img_s": batch_size / test}
+    return train_step, test_step
+
+
+def _interleaved_medians(fns: dict[str, Any], device: torch.device, warmup: int, iters: int) -> dict[str, float]:
+    """Median seconds per call of each function, the functions timed in turn (rotating order).
+
+    Interleaving puts every model under the same machine conditions: on a shared or throttling
+    machine, timing one model after the other lets drift between the two runs enter the ratio.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(max(1, iters)):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure_models(models: dict[str, torch.nn.Module], batch_size: int, img_size: int, device: torch.device,
+                   warmup: int = 3, iters: int = 10, amp: str = "none") -> dict[str, dict[str, float]]:
+    """{name: {"train_img_s", "test_img_s"}} of several models, timed interleaved (see module doc)."""
+    steps = {name: _steps(m, batch_size, img_size, device, amp) for name, m in models.items()}
+    train = _interleaved_medians({n: s[0] for n, s in steps.items()}, device, warmup, iters)
+    test = _interleaved_medians({n: s[1] for n, s in steps.items()}, device, warmup, iters)
+    return {n: {"train_img_s": batch_size / train[n], "test_img_s": batch_size / test[n]} for n in models}
+
+
+def measure_model(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device,
+                  warmup: int = 3, iters: int = 10, amp: str = "none") -> dict[str, float]:
+    """{"train_img_s", "test_img_s"} of one model on synthetic B x 3 x S x S batches."""
+    return measure_models({"model": model}, batch_size, img_size, device, warmup, iters, amp)["model"]
 
 
 def _paper_row(model: str) -> dict[str, dict[str, float]]:
@@ -113,15 +135,15 @@ def throughput_table(models: Sequence[tuple[str, str]] = tuple(PAPER_PAIRS), bat
         for name in (base_name, cached_name):
             if not timm.is_model(name):
                 raise ValueError(f"Unknown model {name!r} (timm has no such model; cached ones end in _grc).")
-        measured, params = {}, {}
+        pair = {}
         for name in (base_name, cached_name):
             torch.manual_seed(0)
-            model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size)
-            params[name] = sum(p.numel() for p in model.parameters()) / 1e6
-            measured[name] = measure_model(model, batch_size, img_size, dev, warmup, iters, amp)
-            del model
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            pair[name] = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size)
+        params = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in pair.items()}
+        measured = measure_models(pair, batch_size, img_size, dev, warmup, iters, amp)
+        del pair
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         b, c = measured[base_name], measured[cached_name]
         paper = _paper_row(base_name)
         pb, pc = paper.get("baseline", {}), paper.get("cached", {})

@@ -1,0 +1,60 @@
+"""MAC counting, the MAC floor used by the speed benchmark, and the benchmark script itself (no timing asserted)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import cached_transformers  # noqa: F401  (registers the models)
+from cached_transformers import grc_layers
+from cached_transformers.profiling import count_macs, mac_floor_copy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pos_conv_macs(model: torch.nn.Module) -> int:
+    """3x3 conv with C/D_m input channels per group over each layer's grid: weight numel x grid tokens."""
+    return sum(layer.pos_conv.weight.numel() * (layer.cache_len - layer.num_prefix_tokens)
+               for layer in grc_layers(model).values())
+
+
+def test_count_macs_matches_the_released_pvt_tiny_counts():
+    x = torch.randn(1, 3, 224, 224)
+    base = count_macs(timm.create_model("pvt_tiny"), x)
+    cached = count_macs(timm.create_model("pvt_tiny_grc"), x)
+    assert round(base / 1e9, 2) == 1.93 and round(cached / 1e9, 2) == 2.26
+
+
+@pytest.mark.parametrize("name,kw", [("pvt_tiny_grc", dict(img_size=64)),
+                                     ("vit_small_patch16_224_grc", dict(img_size=64, depth=2))])
+def test_mac_floor_keeps_every_product_but_the_positional_conv(name, kw):
+    model = timm.create_model(name, num_classes=10, **kw)
+    floor = mac_floor_copy(model)
+    x = torch.randn(1, 3, 64, 64)
+    assert count_macs(model, x) - count_macs(floor, x) == pos_conv_macs(model)
+
+    before = {k: v.cache.clone() for k, v in grc_layers(model).items()}
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    floor.train()
+    floor(torch.randn(2, 3, 64, 64)).sum().backward()  # the floor trains (it is timed with backward)
+    assert all(p.grad is not None for n, p in floor.named_parameters() if ".mem_attn." in n and "sr" not in n)
+    with torch.no_grad():  # the original model is untouched: same caches, same outputs
+        assert all(torch.equal(v.cache, before[k]) for k, v in grc_layers(model).items())
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_benchmark_script_prints_the_table_with_floor_rows(capsys):
+    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--img-size", "32", "--batch-size", "1", "--iters", "1", "--warmup", "0",
+                       "--floor", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for model in ("pvt_tiny", "vit_small_patch16_224"):
+        assert f"| {model} | cached |" in out and f"| {model} | floor |" in out
+        assert f"- {model}: goal " in out
