@@ -55,6 +55,23 @@ def test_run_directory_contract_and_grc_metrics(tiny, tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_training_keeps_checkpoint_keys_and_cache_updates(tiny, monkeypatch):
+    import timm
+
+    calls, compile_ = [], torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: (calls.append((type(self).__name__, kw)),
+                                                                        compile_(self, **kw))[1])
+    result = _train(tiny("model=pvt_grc", "trainer.max_steps=2", "compile.enabled=true", "compile.backend=aot_eager"))
+    assert calls == [("PyramidVisionTransformer", {"backend": "aot_eager"})]
+    sd = _load(Path(result["run_dir"]) / "checkpoints" / "last.ckpt")["state_dict"]
+    assert not any("_orig_mod" in k for k in sd)
+    model = timm.create_model("pvt_tiny_grc", num_classes=10, img_size=32)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in sd.items()}, strict=True)
+    caches = [v for k, v in sd.items() if k.endswith(".cache")]
+    assert len(caches) == 8 and all(c.abs().sum() > 0 for c in caches)
+
+
+@pytest.mark.slow
 def test_train_cli_end_to_end(standin_root, tmp_path):
     """The literal command lines: Hydra run dir, resolved config, metrics, exit status, resume, eval.py."""
     out = tmp_path / "outputs"

@@ -307,3 +307,28 @@ def test_grc_options():
         assert layer.config.preset == "paper" and layer.mem_attn.sr_ratio == 1  # paper: no cache reduction
     quarter = grc_layers(on_meta("pvt_v2_b0_grc", grc_ratio=0.25))["stages.0.blocks.0.attn"]
     assert quarter.mem_dim == 8 and quarter.mem_attn.sr_ratio == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pvt_tiny_grc", "vit_small_patch16_224_grc"])
+def test_cached_model_under_torch_compile_matches_eager(name):
+    """Dynamo + AOTAutograd (the tracing half of torch.compile; inductor only generates kernels) keep
+    the cache rules: same outputs, caches and gradients as eager, one write per training step, none in eval."""
+    eager = build(name)
+    compiled = copy.deepcopy(eager)
+    compiled.compile(backend="aot_eager")  # in place: state_dict keys stay those of the eager model
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    x = images()
+    for _ in range(2):
+        for model in (eager, compiled):
+            train_step(model, x)
+        for key, cache in caches(compiled).items():
+            torch.testing.assert_close(cache, caches(eager)[key], rtol=1e-5, atol=1e-6)
+    assert any(c.abs().sum() > 0 for c in caches(compiled).values())
+    for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    before = caches(compiled)
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(c, before[k]) for k, c in caches(compiled).items())

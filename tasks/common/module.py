@@ -10,7 +10,8 @@
   checkpoint whose weights are not finite, so the last good checkpoint survives;
 * checkpoint extras: global RNG states and the EMA weights (the GRC caches are buffers of the model
   and are in ``state_dict`` already);
-* optional EMA (:class:`tasks.common.ema.CacheCopyingEMA`).
+* optional EMA (:class:`tasks.common.ema.CacheCopyingEMA`);
+* optional ``torch.compile`` of the model (``compile.enabled``), in place so checkpoints keep their keys.
 
 A task subclass builds ``self.model`` and implements ``training_step``/``validation_step``.
 """
@@ -123,6 +124,19 @@ class TaskModule(pl.LightningModule):
             if self._pending_ema_state is not None:
                 self._ema.load_state_dict(self._pending_ema_state)
                 self._pending_ema_state = None
+        self._maybe_compile()
+
+    def _maybe_compile(self) -> None:
+        """``compile.enabled``: ``torch.compile`` the model in place (after the EMA copy was taken).
+
+        In place (``nn.Module.compile``), so parameter and buffer names, and therefore checkpoints,
+        are those of the uncompiled model. The GRC cache rules hold under compilation (tested).
+        """
+        opts = dict(self.cfg.get("compile") or {})
+        if not opts.pop("enabled", False) or getattr(self, "_compiled", False):
+            return
+        self.model.compile(**{k: v for k, v in opts.items() if v is not None})
+        self._compiled = True
 
     @property
     def ema(self) -> CacheCopyingEMA | None:
