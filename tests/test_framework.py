@@ -16,6 +16,7 @@ MODEL_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if 
 EXPERIMENTS = sorted(p.relative_to(CONFIG_DIR / "experiment").with_suffix("").as_posix()
                      for p in (CONFIG_DIR / "experiment").rglob("*.yaml"))
 TABLE1 = [e for e in EXPERIMENTS if e.startswith("paper/table1_")]
+TABLE10 = [e for e in EXPERIMENTS if e.startswith("paper/table10_")]
 
 
 # ---------------------------------------------------------------------- configs
@@ -105,6 +106,28 @@ def test_table1_experiments_pin_the_recipe():
         pairs.setdefault(cfg.paper.row, []).append(c)
     for row, (a, b) in pairs.items():
         assert a == b, f"{row}: baseline and cached recipes differ beyond the model name"
+
+
+def test_table10_rows_are_the_pvt_tiny_recipe_with_one_ratio_each():
+    def recipe(cfg):
+        c = OmegaConf.to_container(cfg, resolve=False)
+        for k in ("run_name", "paper"):
+            c.pop(k)
+        c["model"].pop("name"), c["grc"].pop("ratio")
+        return c
+
+    reference = recipe(compose_config(["experiment=paper/table1_pvt_tiny_cached"]))
+    ratios = {}
+    for name in TABLE10:
+        cfg = compose_config([f"experiment={name}"])
+        assert cfg.paper.table == 10 and recipe(cfg) == reference, name
+        ratios[cfg.paper.row] = cfg.grc.ratio if cfg.model.name == "pvt_tiny_grc" else 0.0
+        assert (cfg.model.name == "pvt_tiny") == (cfg.paper.variant == "baseline")
+    assert ratios == {"r0": 0.0, "r0_125": 0.125, "r0_25": 0.25, "r0_5": 0.5, "r1_0": 1.0}
+    from cached_transformers.models import create_model
+    for r in (0.125, 0.25, 1.0):  # every ratio builds (D_m splits into the heads of all four stages)
+        model = create_model("pvt_tiny_grc", num_classes=10, img_size=64, grc={"ratio": r})
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
 
 
 # ---------------------------------------------------------------------- entry-point guards

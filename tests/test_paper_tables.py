@@ -129,3 +129,22 @@ def test_throughput_table_rows() -> None:
     assert "| pvt_tiny |" in tp_markdown(rows)
     with pytest.raises(ValueError, match="Unknown model"):
         throughput_table([("pvt_nope", "pvt_nope_grc")], batch_size=1, img_size=32, device="cpu")
+
+
+def test_table10_experiment_files_compare_against_the_paper(tmp_path: Path) -> None:
+    """Runs carrying the Table 10 files' paper blocks land on the right rows, gains against r = 0."""
+    from conftest import CONFIG_DIR
+
+    runs = []
+    for i, path in enumerate(sorted((CONFIG_DIR / "experiment" / "paper").glob("table10_*.yaml"))):
+        paper = yaml.safe_load(path.read_text())["paper"]
+        runs.append(Run(path=tmp_path / path.stem, config={"seed": 0, "paper": paper},
+                        history={"val/acc1": [70.0 + i]}))
+    c = compare_runs(runs, tolerance=10.0)
+    rows = {r.row: r for r in c.tables[0].rows if r.metric == "val/acc1"}
+    assert c.tables[0].table.id == 10 and set(rows) == {"r0", "r0_125", "r0_25", "r0_5", "r1_0"}
+    # sorted files: r0_125, r0_25, r0_5, r0 (baseline), r1_0 -> ours 70, 71, 72, 73, 74
+    assert rows["r0_125"].paper_gain == pytest.approx(0.6) and rows["r0_125"].ours_gain == pytest.approx(-3.0)
+    assert rows["r1_0"].ours["cached"].mean == 74.0
+    md = to_markdown(c)
+    assert "r = 0.125" in md and "75.70" in md and "78.50" in md
