@@ -130,6 +130,15 @@ def test_table10_rows_are_the_pvt_tiny_recipe_with_one_ratio_each():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
 
 
+def test_a_task_carries_its_schedule_and_overrides_still_win():
+    lra = compose_config(["task=lra_listops", "trainer=cpu"])
+    assert (lra.trainer.accelerator, lra.trainer.max_steps, lra.trainer.max_epochs) == ("cpu", 5000, -1)
+    assert lra.trainer.val_check_interval == 200
+    assert compose_config(["task=lra_listops", "trainer.max_steps=10"]).trainer.max_steps == 10
+    imagenet = compose_config(["task=imagenet"])
+    assert (imagenet.trainer.max_epochs, imagenet.trainer.max_steps) == (300, -1)
+
+
 # ---------------------------------------------------------------------- entry-point guards
 def test_unknown_group_choice_lists_available():
     from tasks.common.cli import check_group_overrides
