@@ -178,7 +178,9 @@ class GRCAttention(nn.Module):
         cache_side = F.linear(prev, wg[:, cache_cols], bg)                   # 1 x T_m x 2 D_m
         cand_bias = bc.expand(1, prev.shape[1], dm) if bc is not None else cache_side.new_zeros(1, prev.shape[1], dm)
         const = torch.cat([cache_side, cand_bias], dim=-1)                   # 1 x T_m x 3 D_m
-        z = torch.matmul(xu, torch.cat([wg[:, x_cols], wc[:, x_cols]]).t()) + const
+        w_x = torch.cat([wg[:, x_cols], wc[:, x_cols]]).t()                   # D_m x 3 D_m
+        # the constant enters the GEMM's accumulator (baddbmm): no separate pass over B x T_m x 3 D_m
+        z = torch.baddbmm(const.expand(xu.shape[0], -1, -1), xu, w_x.expand(xu.shape[0], -1, -1))
         reset_z, update_z, cand_z = z.split(dm, dim=-1)
         reset, update = torch.sigmoid(reset_z), torch.sigmoid(update_z)
         cand = cand_z + F.linear(reset * prev, wc[:, cache_cols])
