@@ -38,6 +38,14 @@ def test_fast_dev_run(tiny, model):
     assert 0.0 <= result["metrics"]["val/acc1"] <= 100.0 and "val/acc5" in result["metrics"]
 
 
+def test_bf16_mixed_training_run(tiny):
+    """The precision GPUs get by default (`precision: auto` -> bf16-mixed), exercised with CPU autocast."""
+    result = _train(tiny("model=pvt_grc", "trainer.max_steps=2", "trainer.precision=bf16-mixed"))
+    assert result["global_step"] == 2 and 0.0 <= result["metrics"]["val/acc1"] <= 100.0
+    sd = _load(Path(result["run_dir"]) / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(v.dtype == torch.float32 and v.abs().sum() > 0 for k, v in sd.items() if k.endswith(".cache"))
+
+
 def test_run_directory_contract_and_grc_metrics(tiny, tmp_path):
     result = _train(tiny("model=pvt_grc", "trainer.max_steps=3"))
     run = Path(result["run_dir"])

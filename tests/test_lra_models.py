@@ -292,3 +292,15 @@ def test_train_step_reduces_loss_on_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("attention", ["full", "bigbird", "reformer"])
+def test_cached_models_train_under_bf16_autocast(attention):
+    model = LRAClassifier(attention=attention, grc={"enabled": True}, **SMALL).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(_tokens([64, 40], 64))
+    assert logits.dtype == torch.bfloat16
+    logits.float().logsumexp(-1).mean().backward()
+    assert all(layer.cache.dtype == torch.float32 and layer.cache.abs().sum() > 0
+               for layer in grc_layers(model).values())
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)

@@ -332,3 +332,30 @@ def test_cached_model_under_torch_compile_matches_eager(name):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
     assert all(torch.equal(c, before[k]) for k, c in caches(compiled).items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", CACHED_FAST)
+def test_mixed_precision_train_and_eval(name, dtype):
+    """Under autocast (bf16-mixed / 16-mixed training) the layer runs in the activations' dtype while the
+    stored cache stays float32; gradients are finite and close to the float32 ones."""
+    model, x = build(name), images()
+    reference = copy.deepcopy(model)
+    torch.manual_seed(0)  # same stochastic-depth draws in both steps (Swin's default drop path is > 0)
+    train_step(reference, x)
+    model.train()
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(x)
+    assert out.dtype == dtype
+    out.float().square().mean().backward()
+    cached = caches(model)
+    assert all(c.dtype == torch.float32 and c.abs().sum() > 0 for c in cached.values())
+    for key, c in cached.items():  # the update is the float32 one to low-precision round-off
+        torch.testing.assert_close(c, caches(reference)[key], rtol=0.1, atol=0.05)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        model(x)
+    assert all(torch.equal(c, cached[k]) for k, c in caches(model).items())

@@ -186,12 +186,13 @@ class GRCAttention(nn.Module):
         cand = cand_z + F.linear(reset * prev, wc[:, cache_cols])
         if self.config.candidate == "ln_gelu":
             cand = self.cand_norm(F.gelu(cand))
-        return torch.lerp(prev.expand_as(cand), cand, update)
+        dt = cand.dtype  # under autocast: the activations' dtype (the stored cache stays float32)
+        return torch.lerp(prev.to(dt).expand_as(cand), cand, update.to(dt))
 
     def _mix(self, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         b, t, d = s.shape
         h = self.num_heads
-        alpha = torch.sigmoid(self.lam)                                   # H
+        alpha = torch.sigmoid(self.lam).to(s.dtype)                       # H (autocast: the activations' dtype)
         out = s * (1 - alpha).repeat_interleave(d // h)                   # (1 - a_h) * s_h
         out.view(b, t, h, d // h)[..., : self.mem_dim // h].addcmul_(m.view(b, t, h, -1), alpha[:, None])
         return out
@@ -216,7 +217,7 @@ class GRCAttention(nn.Module):
         new = self._gated_update(prev, xu)                                 # B x T_m x D_m
         if update:
             self._prev_cache = prev
-            self.cache.copy_(self._sync(new.detach().mean(0, keepdim=True)))
+            self.cache.copy_(self._sync(new.detach().mean(0, keepdim=True, dtype=torch.float32)))
 
         if cfg.causal:
             kv = prev.expand(b, -1, -1)

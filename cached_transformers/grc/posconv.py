@@ -74,7 +74,7 @@ class _PairConv(torch.autograd.Function):
         grid, w_same, w_cross = ctx.saved_tensors
         c = grid.shape[1]
         need_x, need_w, need_b = ctx.needs_input_grad
-        grad = grad.contiguous()
+        grad = grad.to(grid.dtype).contiguous()
         g_same = grad.permute(0, 3, 1, 2)                                  # channels-last view
         g_cross = _swap_pairs(grad).permute(0, 3, 1, 2)
         args = ([1, 1], [1, 1], [1, 1], False, [0, 0], c)
@@ -94,4 +94,11 @@ def pair_grouped_conv3x3(grid: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """
     if weight.shape[1] != 2 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"pair_grouped_conv3x3 needs a C x 2 x 3 x 3 weight, got {tuple(weight.shape)}.")
+    device = grid.device.type
+    if torch.is_autocast_enabled(device):  # cast as autocast would cast a conv, then run without it
+        dt = torch.get_autocast_dtype(device)
+        grid, weight = grid.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        with torch.autocast(device, enabled=False):
+            return _PairConv.apply(grid.contiguous(memory_format=torch.channels_last), weight, bias)
     return _PairConv.apply(grid.contiguous(memory_format=torch.channels_last), weight, bias)
