@@ -111,9 +111,11 @@ def print_vision(rows: list[dict], args, device: torch.device) -> None:
         print("compares it with 1.05 x the cached model's MAC ratio.")
         for r in floors:
             phases = [p for p in ("train", "infer") if not r[f"{p}_ok"]]
-            verdict = (f"out of reach on this machine for {' and '.join(phases)}: even the floor is over it"
-                       if phases else "within reach: the floor is under it")
+            verdict = (f"out of reach in this run for {' and '.join(phases)}: even the floor is over it, so no "
+                       f"implementation of the layer would meet it on this machine"
+                       if phases else "within reach in this run: the floor is under it")
             print(f"- {r['model']}: goal {verdict}.")
+        print("Ratios move from run to run on shared machines: repeat the run before concluding.")
 
 
 def device_name(device: torch.device) -> str:
