@@ -57,9 +57,10 @@ def _floor_forward(self, x: torch.Tensor, H: int | None = None, W: int | None = 
     xu = self._summary(source[..., :dm], key_padding_mask)
     x_cols = slice(dm, 2 * dm) if self.config.concat_order == "cache_first" else slice(0, dm)
     c_cols = slice(0, dm) if self.config.concat_order == "cache_first" else slice(dm, 2 * dm)
-    const = torch.nn.functional.linear(self.cache, self.gate.weight[:, c_cols])  # cache side, 1 x T_m
-    z = torch.matmul(xu, torch.cat([self.gate.weight[:, x_cols], self.cand.weight[:, x_cols]]).t())
-    z[..., : 2 * dm] += const
+    cache_side = torch.nn.functional.linear(self.cache, self.gate.weight[:, c_cols])  # 1 x T_m x 2 D_m
+    const = torch.cat([cache_side, cache_side.new_zeros(1, cache_side.shape[1], dm)], dim=-1)
+    w_x = torch.cat([self.gate.weight[:, x_cols], self.cand.weight[:, x_cols]]).t()
+    z = torch.baddbmm(const.expand(xu.shape[0], -1, -1), xu, w_x.expand(xu.shape[0], -1, -1))  # as the layer
     new = torch.nn.functional.linear(z[..., :dm], self.cand.weight[:, c_cols])  # the reset-side GEMM
     query = x[..., :dm] if self.config.mem_query == "input" else source[..., :dm]
     m = self.mem_attn(query, kv=new, kv_hw=self.cache_grid)
