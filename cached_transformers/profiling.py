@@ -50,18 +50,9 @@ def _floor_forward(self, x: torch.Tensor, H: int | None = None, W: int | None = 
     """GRCAttention.forward with only its matrix products and attention calls, on the same shapes."""
     b, t, d = x.shape
     dm, h = self.mem_dim, self.num_heads
-    if key_padding_mask is not None:
-        host_kwargs["key_padding_mask"] = key_padding_mask
-    s = self.self_attn(x, H, W, **host_kwargs) if H is not None else self.self_attn(x, **host_kwargs)
-    source = s if self.config.update_source == "self_output" else x
-    xu = self._summary(source[..., :dm], key_padding_mask)
-    x_cols = slice(dm, 2 * dm) if self.config.concat_order == "cache_first" else slice(0, dm)
-    c_cols = slice(0, dm) if self.config.concat_order == "cache_first" else slice(dm, 2 * dm)
-    cache_side = torch.nn.functional.linear(self.cache, self.gate.weight[:, c_cols])  # 1 x T_m x 2 D_m
-    const = torch.cat([cache_side, cache_side.new_zeros(1, cache_side.shape[1], dm)], dim=-1)
-    w_x = torch.cat([self.gate.weight[:, x_cols], self.cand.weight[:, x_cols]]).t()
-    z = torch.baddbmm(const.expand(xu.shape[0], -1, -1), xu, w_x.expand(xu.shape[0], -1, -1))  # as the layer
-    new = torch.nn.functional.linear(z[..., :dm], self.cand.weight[:, c_cols])  # the reset-side GEMM
+    s, source, xu = self._self_branch(x, H, W, key_padding_mask, host_kwargs)
+    z = self._gate_logits(self.cache, xu)                                  # the layer's gate GEMM
+    new = torch.nn.functional.linear(z[..., :dm], self.cand.weight[:, self._columns()[0]])  # reset-side GEMM
     query = x[..., :dm] if self.config.mem_query == "input" else source[..., :dm]
     m = self.mem_attn(query, kv=new, kv_hw=self.cache_grid)
     out = s.clone()  # the one pass any mix needs

@@ -163,27 +163,40 @@ class GRCAttention(nn.Module):
             return u
         return F.interpolate(u.transpose(1, 2), size=tm, mode=mode).transpose(1, 2)
 
-    def _gated_update(self, prev: torch.Tensor, xu: torch.Tensor) -> torch.Tensor:
-        """C_new = g_u * C_cand + (1 - g_u) * C_prev for prev 1 x T_m x D_m, xu B x T_m x D_m.
+    def _columns(self) -> tuple[slice, slice]:
+        """(cache columns, summary columns) of the gate and candidate weights (``concat_order``)."""
+        dm = self.mem_dim
+        first, second = slice(0, dm), slice(dm, 2 * dm)
+        return (first, second) if self.config.concat_order == "cache_first" else (second, first)
+
+    def _gate_logits(self, prev: torch.Tensor, xu: torch.Tensor) -> torch.Tensor:
+        """B x T_m x 3 D_m pre-activations [reset | update | candidate summary side] for prev 1 x T_m x D_m.
 
         The stored cache is the same for every sample, so the cache side of the reset and update
-        projections (with all biases) is one 1 x T_m x 3 D_m tensor computed once and broadcast; the
-        summary side of reset, update and candidate is one GEMM, split into views (``split`` keeps
-        the backward a single concatenation instead of zero-filled slice gradients).
+        projections (with all biases) is one 1 x T_m x 3 D_m constant computed once; it enters the
+        summary GEMM's accumulator (baddbmm), so no separate pass over B x T_m x 3 D_m is made.
         """
         dm = self.mem_dim
-        cache_cols = slice(0, dm) if self.config.concat_order == "cache_first" else slice(dm, 2 * dm)
-        x_cols = slice(dm, 2 * dm) if self.config.concat_order == "cache_first" else slice(0, dm)
+        cache_cols, x_cols = self._columns()
         wg, bg, wc, bc = self.gate.weight, self.gate.bias, self.cand.weight, self.cand.bias
         cache_side = F.linear(prev, wg[:, cache_cols], bg)                   # 1 x T_m x 2 D_m
         cand_bias = bc.expand(1, prev.shape[1], dm) if bc is not None else cache_side.new_zeros(1, prev.shape[1], dm)
         const = torch.cat([cache_side, cand_bias], dim=-1)                   # 1 x T_m x 3 D_m
         w_x = torch.cat([wg[:, x_cols], wc[:, x_cols]]).t()                   # D_m x 3 D_m
-        # the constant enters the GEMM's accumulator (baddbmm): no separate pass over B x T_m x 3 D_m
-        z = torch.baddbmm(const.expand(xu.shape[0], -1, -1), xu, w_x.expand(xu.shape[0], -1, -1))
+        return torch.baddbmm(const.expand(xu.shape[0], -1, -1), xu, w_x.expand(xu.shape[0], -1, -1))
+
+    def _gated_update(self, prev: torch.Tensor, xu: torch.Tensor) -> torch.Tensor:
+        """C_new = g_u * C_cand + (1 - g_u) * C_prev for prev 1 x T_m x D_m, xu B x T_m x D_m.
+
+        The pre-activations of reset, update and candidate come from one GEMM (:meth:`_gate_logits`),
+        split into views (``split`` keeps the backward a single concatenation instead of zero-filled
+        slice gradients).
+        """
+        dm = self.mem_dim
+        z = self._gate_logits(prev, xu)
         reset_z, update_z, cand_z = z.split(dm, dim=-1)
         reset, update = torch.sigmoid(reset_z), torch.sigmoid(update_z)
-        cand = cand_z + F.linear(reset * prev, wc[:, cache_cols])
+        cand = cand_z + F.linear(reset * prev, self.cand.weight[:, self._columns()[0]])
         if self.config.candidate == "ln_gelu":
             cand = self.cand_norm(F.gelu(cand))
         dt = cand.dtype  # under autocast: the activations' dtype (the stored cache stays float32)
@@ -197,17 +210,21 @@ class GRCAttention(nn.Module):
         out.view(b, t, h, d // h)[..., : self.mem_dim // h].addcmul_(m.view(b, t, h, -1), alpha[:, None])
         return out
 
+    def _self_branch(self, x: torch.Tensor, H: int | None, W: int | None,
+                     key_padding_mask: torch.Tensor | None, host_kwargs: dict) -> tuple[torch.Tensor, ...]:
+        """(host output s, update source, summary X_u resized to T_m)."""
+        if key_padding_mask is not None:
+            host_kwargs["key_padding_mask"] = key_padding_mask
+        s = self.self_attn(x, H, W, **host_kwargs) if H is not None else self.self_attn(x, **host_kwargs)
+        source = s if self.config.update_source == "self_output" else x
+        return s, source, self._summary(source[..., : self.mem_dim], key_padding_mask)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, H: int | None = None, W: int | None = None, *,
                 key_padding_mask: torch.Tensor | None = None, **host_kwargs) -> torch.Tensor:
         b, t, d = x.shape
         cfg, dm = self.config, self.mem_dim
-        if key_padding_mask is not None:
-            host_kwargs["key_padding_mask"] = key_padding_mask
-        s = self.self_attn(x, H, W, **host_kwargs) if H is not None else self.self_attn(x, **host_kwargs)
-
-        source = s if cfg.update_source == "self_output" else x
-        xu = self._summary(source[..., :dm], key_padding_mask)
+        s, source, xu = self._self_branch(x, H, W, key_padding_mask, host_kwargs)
 
         update = self._should_update()
         if _in_backward() and self._prev_cache is not None and self.training:

@@ -17,6 +17,8 @@ are unchanged. Measured on CPU (forward + backward, batch 8): 0.6-0.9x the group
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -95,10 +97,10 @@ def pair_grouped_conv3x3(grid: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if weight.shape[1] != 2 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"pair_grouped_conv3x3 needs a C x 2 x 3 x 3 weight, got {tuple(weight.shape)}.")
     device = grid.device.type
-    if torch.is_autocast_enabled(device):  # cast as autocast would cast a conv, then run without it
+    autocast = torch.is_autocast_enabled(device)
+    if autocast:  # cast as autocast would cast a conv, then run without it
         dt = torch.get_autocast_dtype(device)
         grid, weight = grid.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-        with torch.autocast(device, enabled=False):
-            return _PairConv.apply(grid.contiguous(memory_format=torch.channels_last), weight, bias)
-    return _PairConv.apply(grid.contiguous(memory_format=torch.channels_last), weight, bias)
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+        return _PairConv.apply(grid.contiguous(memory_format=torch.channels_last), weight, bias)

@@ -46,6 +46,7 @@ class TaskModule(pl.LightningModule):
         self.seed = int(cfg.get("seed") or 0)
         self._ema: CacheCopyingEMA | None = None  # kept outside nn.Module: not trained, not in state_dict
         self._pending_ema_state: dict[str, Any] | None = None
+        self._compiled = False  # compile.enabled applied (setup runs once per stage)
         self.last_val_step = -1  # global step of the last (non-sanity) validation
         self.lr_info: dict[str, float] = {}
 
@@ -133,7 +134,7 @@ class TaskModule(pl.LightningModule):
         are those of the uncompiled model. The GRC cache rules hold under compilation (tested).
         """
         opts = dict(self.cfg.get("compile") or {})
-        if not opts.pop("enabled", False) or getattr(self, "_compiled", False):
+        if not opts.pop("enabled", False) or self._compiled:
             return
         self.model.compile(**{k: v for k, v in opts.items() if v is not None})
         self._compiled = True

@@ -94,12 +94,6 @@ def measure_models(models: dict[str, torch.nn.Module], batch_size: int, img_size
     return {n: {"train_img_s": batch_size / train[n], "test_img_s": batch_size / test[n]} for n in models}
 
 
-def measure_model(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device,
-                  warmup: int = 3, iters: int = 10, amp: str = "none") -> dict[str, float]:
-    """{"train_img_s", "test_img_s"} of one model on synthetic B x 3 x S x S batches."""
-    return measure_models({"model": model}, batch_size, img_size, device, warmup, iters, amp)["model"]
-
-
 def _paper_row(model: str) -> dict[str, dict[str, float]]:
     from .tables import get_table
 
