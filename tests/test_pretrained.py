@@ -228,6 +228,47 @@ def test_head_of_another_class_count_is_dropped(tmp_path, caplog):
                                                                  base.blocks[0].attn.qkv.weight)
 
 
+def test_headless_files_and_models_ignore_and_reset_cache(tmp_path):
+    headless = timm.create_model("pvt_v2_b0", num_classes=0)
+    torch.save(headless.state_dict(), tmp_path / "headless.pth")
+    model = timm.create_model("pvt_v2_b0", num_classes=10)
+    fresh = model.head.weight.clone()
+    report = ct.load_pretrained(model, tmp_path / "headless.pth")
+    assert report.head_initialised == ["head.weight", "head.bias"] and torch.equal(model.head.weight, fresh)
+    torch.save(model.state_dict(), tmp_path / "with_head.pth")
+    backbone = timm.create_model("pvt_v2_b0", num_classes=0)  # e.g. a detection backbone
+    assert ct.load_pretrained(backbone, tmp_path / "with_head.pth").head_dropped == ["head.weight", "head.bias"]
+    cached = timm.create_model("pvt_v2_b0_grc", num_classes=10)
+    for layer in ct.grc_layers(cached).values():
+        layer.cache.fill_(1.0)
+    torch.save(cached.state_dict(), tmp_path / "cached.pth")
+    other = timm.create_model("pvt_v2_b0_grc", num_classes=10)
+    norm = other.stages[3].norm.weight.clone()
+    report = ct.load_pretrained(other, tmp_path / "cached.pth", reset_cache=True, ignore=["stages.3.norm.*"])
+    assert report.caches_reset == 8 and report.ignored == ["stages.3.norm.weight", "stages.3.norm.bias"]
+    assert all(not layer.cache.any() for layer in ct.grc_layers(other).values())
+    assert torch.equal(other.stages[3].norm.weight, norm)
+    assert torch.equal(other.head.weight, cached.head.weight)
+
+
+def test_swin_original_layout(tmp_path):
+    """Microsoft's Swin release: patch merging at the end of a stage and ``head.`` (timm's filter maps it)."""
+    import re
+
+    sd = timm.create_model("swin_tiny_patch4_window7_224").state_dict()
+    original = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+                .replace("head.fc.", "head."): v for k, v in sd.items()}
+    assert "layers.0.downsample.reduction.weight" in original and "head.weight" in original
+    torch.save({"model": original}, tmp_path / "swin_tiny_patch4_window7_224.pth")
+    model = timm.create_model("swin_tiny_patch4_window7_224_grc")
+    report = ct.load_pretrained(model, tmp_path / "swin_tiny_patch4_window7_224.pth")
+    assert report.layout == "the original release's" and report.grc_initialised
+    own = model.state_dict()
+    assert torch.equal(own["layers.1.downsample.reduction.weight"], original["layers.0.downsample.reduction.weight"])
+    assert torch.equal(own["head.fc.weight"], original["head.weight"])
+    assert torch.equal(own["layers.0.blocks.0.attn.self_attn.qkv.weight"], sd["layers.0.blocks.0.attn.qkv.weight"])
+
+
 def test_mismatches_raise_one_clear_error(tmp_path):
     path = tmp_path / "pvt_tiny.pth"
     torch.save(timm.create_model("pvt_tiny", img_size=64).state_dict(), path)
@@ -352,6 +393,8 @@ def test_framework_create_model_starts_cached_from_baseline_ckpt(imagenet_ckpt, 
     torch.manual_seed(0)
     module, _ = build_task(compose_config([*overrides, f"model.pretrained={imagenet_ckpt}"]))
     assert_started_from(module.model, ema, at_init.model)
+    cfg = compose_config([*overrides, f"model.pretrained={{path: '{imagenet_ckpt}', ema: false}}"])
+    assert OmegaConf.to_container(cfg.model.pretrained) == {"path": str(imagenet_ckpt), "ema": False}
     model = create_model("pvt_tiny_grc", num_classes=4, img_size=32, pretrained={"path": str(imagenet_ckpt)})
     assert torch.equal(model.block1[0].attn.self_attn.q.weight, ema["block1.0.attn.q.weight"])
     with pytest.raises(UserError, match=rf"^model.pretrained: {imagenet_ckpt} does not fit pvt_small: "):
@@ -379,6 +422,10 @@ def test_train_cli_with_model_pretrained(imagenet_ckpt, standin_root, tmp_path):
     text = proc.stdout + proc.stderr
     assert f"pvt_tiny_grc: 152 GRC tensors of 8 GRC layers are not in {start}" in text
     assert f"from {start} (ema_state_dict)" in text
+    bad = subprocess.run([sys.executable, "train.py", *args, "model=pvt_small", "trainer.max_steps=0"], cwd=REPO,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert f"error: model.pretrained: {start} does not fit pvt_small: " in bad.stderr + bad.stdout
     ckpt = next(out.rglob("last.ckpt"))
     start.unlink()  # the fine-tuned run's checkpoint holds every weight
     from conftest import compose_config as compose

@@ -250,7 +250,8 @@ def fit_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module, *, source: 
         grc_missing = []
     else:
         problems = []
-    other_missing = [k for k in missing if k not in grc_missing and k not in head_missing]
+    kept = [k for k in missing if any(fnmatch.fnmatchcase(k, p) for p in patterns)]  # ignored: stay as they are
+    other_missing = [k for k in missing if k not in grc_missing and k not in head_missing and k not in kept]
     if other_missing and not problems:
         problems.append(f"{len(other_missing)} model tensors are missing from it (first: {_first(other_missing)})")
     grc_file = not added and any(".self_attn." in k for k in unexpected)
@@ -321,7 +322,8 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping[str, A
         resize_cache, resize_pos_embed: resize GRC caches / resample absolute position embeddings of
             another input size (False: an error).
         reset_cache: zero every GRC cache after loading (the detection recipe).
-        ignore: ``fnmatch`` patterns of the file's keys to leave out (e.g. ``"cls_token"``).
+        ignore: ``fnmatch`` patterns of keys to leave out (e.g. ``"cls_token"``): the file's are not loaded,
+            the model's keep their values.
         strict: False loads only the tensors that fit (and logs the rest) instead of raising.
         weights_only: ``torch.load``'s safety switch; False only for files you trust.
 
