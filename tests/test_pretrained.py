@@ -428,10 +428,8 @@ def test_train_cli_with_model_pretrained(imagenet_ckpt, standin_root, tmp_path):
     assert f"error: model.pretrained: {start} does not fit pvt_small: " in bad.stderr + bad.stdout
     ckpt = next(out.rglob("last.ckpt"))
     start.unlink()  # the fine-tuned run's checkpoint holds every weight
-    from conftest import compose_config as compose
-
-    cfg = compose([f"ckpt_path={ckpt}", "data=standin", f"data.root={standin_root}", "data.num_workers=0",
-                   "trainer=cpu", "trainer.enable_progress_bar=false", f"paths.output_dir={out}"], "eval")
+    cfg = compose_config([f"ckpt_path={ckpt}", "data=standin", f"data.root={standin_root}", "data.num_workers=0",
+                          "trainer=cpu", "trainer.enable_progress_bar=false", f"paths.output_dir={out}"], "eval")
     assert "val/acc1" in evaluate(cfg, [f"ckpt_path={ckpt}", "data=standin"])["metrics"]
 
 

@@ -131,8 +131,9 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any], *, ema: bool 
                     weights_only: bool = True) -> tuple[dict[str, torch.Tensor], str, str]:
     """``(state_dict, entry, label)`` from a path or an in-memory checkpoint (see :func:`load_pretrained`).
 
-    Wrapper prefixes (``module.``, ``_orig_mod.``) are removed; a Lightning checkpoint's ``model.``
-    prefix too (keys outside ``model.`` belong to the LightningModule, not the model, and are left out).
+    Wrapper prefixes (``module.``, ``_orig_mod.``) are removed; a LightningModule's ``model.`` prefix too
+    (in a Lightning checkpoint, keys outside ``model.`` belong to the LightningModule, not the model, and
+    are left out).
     """
     if isinstance(source, Mapping):
         obj, label = source, "the given state_dict"
@@ -144,8 +145,8 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any], *, ema: bool 
     for prefix in _WRAPPER_PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
-    lightning = isinstance(obj, Mapping) and "pytorch-lightning_version" in obj
-    if entry == "state_dict" and (lightning or all(k.startswith("model.") for k in sd)):
+    lightning = entry == "state_dict" and "pytorch-lightning_version" in obj
+    if lightning or (sd and all(k.startswith("model.") for k in sd)):  # a LightningModule's state_dict
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     return sd, entry, label
 
