@@ -47,8 +47,8 @@ from ..grc import grc_layers, reset_caches
 from ._common import baseline_key_to_grc
 from ._loading import CheckpointMismatchError, resize_caches, resize_pos_embeds
 
-__all__ = ["CheckpointMismatchError", "PretrainedReport", "grc_checkpoint_filter", "load_pretrained",
-           "read_state_dict"]
+__all__ = ["CheckpointMismatchError", "PretrainedReport", "fit_state_dict", "grc_checkpoint_filter",
+           "load_pretrained", "read_state_dict"]
 
 log = logging.getLogger(__name__)
 

@@ -48,9 +48,7 @@ def load_pretrained(model: nn.Module, pretrained: str | Mapping[str, Any] | None
         options["ignore"] = list(options["ignore"] or [])
     try:
         return load(model, path, **options)
-    except FileNotFoundError as exc:
-        raise UserError(f"model.pretrained: {exc}") from exc
-    except CheckpointMismatchError as exc:
+    except (FileNotFoundError, CheckpointMismatchError) as exc:
         raise UserError(f"model.pretrained: {exc}") from exc
 
 
