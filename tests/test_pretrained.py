@@ -251,6 +251,25 @@ def test_headless_files_and_models_ignore_and_reset_cache(tmp_path):
     assert torch.equal(other.head.weight, cached.head.weight)
 
 
+def test_features_only_backbones(tmp_path, caplog):
+    """Detection backbones: timm's ``features_only`` wrappers (``model.`` prefix, flattened stage names)."""
+    base = timm.create_model("pvt_tiny", img_size=64)
+    torch.save(base.state_dict(), tmp_path / "pvt_tiny.pth")
+    getter = timm.create_model("pvt_tiny_grc", features_only=True, img_size=64)  # FeatureGetterNet
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        report = ct.load_pretrained(getter, tmp_path / "pvt_tiny.pth", reset_cache=True)
+    assert torch.equal(getter.model.block1[0].attn.self_attn.q.weight, base.block1[0].attn.q.weight)
+    assert torch.equal(getter.model.cls_token, base.cls_token) and len(report.grc_initialised) == 152
+    assert report.head_dropped == ["head.weight", "head.bias"] and report.unused == ["norm.weight", "norm.bias"]
+    assert any("the model has no classifier" in r.getMessage() for r in caplog.records)
+    base2 = timm.create_model("pvt_v2_b0")
+    torch.save(base2.state_dict(), tmp_path / "pvt_v2_b0.pth")
+    stages = timm.create_model("pvt_v2_b0_grc", features_only=True)  # FeatureListNet: stages_0, ...
+    report = ct.load_pretrained(stages, tmp_path / "pvt_v2_b0.pth")
+    assert torch.equal(stages.stages_3.blocks[1].attn.self_attn.kv.weight, base2.stages[3].blocks[1].attn.kv.weight)
+    assert len(report.loaded) == len(base2.state_dict()) - 2 and report.grc_initialised
+
+
 def test_swin_original_layout(tmp_path):
     """Microsoft's Swin release: patch merging at the end of a stage and ``head.`` (timm's filter maps it)."""
     import re

@@ -23,7 +23,10 @@ and fits it to the model:
 * classifier heads whose class count differs (an ImageNet-22k or -1k head in a model for another
   class count, or a head the model does not have) are dropped and logged (``drop_head``);
 * GRC caches and absolute position embeddings of another input size are resized (the steps of
-  :func:`~cached_transformers.models.load_checkpoint`).
+  :func:`~cached_transformers.models.load_checkpoint`);
+* a timm ``features_only`` model (detection backbones) takes the classification file as it is: its
+  wrapper's ``model.`` prefix and flattened names (``stages_0``) are matched, the tensors it pruned
+  (final norm, head) are left out and logged.
 
 Anything else that does not fit raises :class:`CheckpointMismatchError` naming the file, the first
 offending keys and what to do. :func:`grc_checkpoint_filter` is the same fitting step as a timm
@@ -35,6 +38,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -73,6 +77,7 @@ class PretrainedReport:
     ignored: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # strict=False only: tensors that did not fit
+    unused: list[str] = field(default_factory=list)  # tensors a features_only model does not have
     caches_reset: int = 0
 
     @property
@@ -162,14 +167,34 @@ def _family_filter(model: nn.Module) -> Callable | None:
     return None
 
 
-def _to_grc_names(sd: dict[str, torch.Tensor], model_keys: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Baseline attention keys -> the GRC layer's self-branch keys, where the model has them."""
+_FLAT = re.compile(r"^([A-Za-z_]\w*)\.(\d+)\.")  # timm's flatten_sequential feature nets: stages.0. -> stages_0.
+
+
+def _wrapper_prefix(sd: Mapping[str, Any], model_keys: Mapping[str, Any]) -> str:
+    """The prefix a wrapped model adds to every key (timm's ``FeatureGetterNet``: ``model.``), or ``""``."""
+    if any(k in model_keys or baseline_key_to_grc(k) in model_keys for k in sd):
+        return ""
+    firsts = {k.split(".", 1)[0] for k in model_keys}
+    if len(firsts) == 1:
+        pre = firsts.pop() + "."
+        if any(pre + k in model_keys or pre + baseline_key_to_grc(k) in model_keys for k in sd):
+            return pre
+    return ""
+
+
+def _to_model_names(sd: dict[str, torch.Tensor], model_keys: Mapping[str, Any],
+                    prefix: str = "") -> dict[str, torch.Tensor]:
+    """Keys the model does not have -> the model's name for them, where it has one: baseline attention keys
+    onto the GRC layer's self branch (``blocks.0.attn.qkv.weight`` -> ``blocks.0.attn.self_attn.qkv.weight``),
+    a wrapper's ``prefix``, timm's flattened feature-net names (``stages.0.`` -> ``stages_0.``)."""
     out = {}
     for key, value in sd.items():
         if key not in model_keys:
-            grc_key = baseline_key_to_grc(key)
-            if grc_key in model_keys:
-                key = grc_key
+            flat = _FLAT.sub(r"\1_\2.", key, count=1)
+            for cand in (key, baseline_key_to_grc(key), flat, baseline_key_to_grc(flat)):
+                if prefix + cand in model_keys:
+                    key = prefix + cand
+                    break
         out[key] = value
     return out
 
@@ -184,6 +209,13 @@ def _grc_added_keys(model: nn.Module, model_keys: Iterable[str]) -> tuple[set[st
                 added.add(key)
                 break
     return added, len(prefixes)
+
+
+def _is_feature_net(model: nn.Module) -> bool:
+    """timm's ``features_only`` wrappers, which prune the parts after the last feature stage."""
+    from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
+
+    return isinstance(model, (FeatureDictNet, FeatureGetterNet, FeatureHookNet))  # FeatureListNet: a FeatureDictNet
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -214,13 +246,14 @@ def fit_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module, *, source: 
     """
     report = PretrainedReport(source=source)
     own = model.state_dict()
-    sd = _to_grc_names(dict(sd), own)
     if any("attn_self_func." in k for k in sd):
-        sd = _to_grc_names(convert_reference_state_dict(sd), own)
+        sd = convert_reference_state_dict(sd)
         report.layout = "the released GRC code's"
+    prefix = _wrapper_prefix(sd, own)
+    sd = _to_model_names(dict(sd), own, prefix)
     if base_filter is not None:
         before = set(sd)
-        sd = _to_grc_names(dict(base_filter(sd, model)), own)
+        sd = _to_model_names(dict(base_filter(sd, model)), own, prefix)
         if set(sd) - before:
             report.layout = "the original release's"
     patterns = tuple(ignore)
@@ -232,7 +265,7 @@ def fit_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module, *, source: 
     except CheckpointMismatchError as exc:
         raise CheckpointMismatchError(f"{source}: {exc}") from exc
 
-    heads = _classifier_prefixes(model)
+    heads = tuple(dict.fromkeys(p + h for h in _classifier_prefixes(model) for p in (prefix, "")))
     for key in [k for k in sd if _is_head(k, heads)]:
         fits = key in own and sd[key].shape == own[key].shape
         if drop_head or (drop_head is None and not fits):
@@ -242,6 +275,11 @@ def fit_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module, *, source: 
     added, n_layers = _grc_added_keys(model, own)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
+    if unexpected and _is_feature_net(model):  # the classifier's final norm etc., pruned by features_only
+        report.unused = unexpected
+        for key in unexpected:
+            del sd[key]
+        unexpected = []
     shapes = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     grc_missing = [k for k in missing if k in added]
     head_missing = [k for k in missing if _is_head(k, heads)]  # dropped, or a file without a head
@@ -294,8 +332,10 @@ def _log(report: PretrainedReport, model: nn.Module) -> None:
                  "initialisation, caches zero.", name, len(report.grc_initialised), report.grc_layers_initialised,
                  report.source)
     if report.head_dropped:
-        log.info("%s: the file's classifier %s dropped (another class count, or drop_head=True): the model's head "
-                 "stays at its initialisation.", name, _first(report.head_dropped))
+        why = ("the model's head stays at its initialisation" if report.head_initialised
+               else "the model has no classifier")
+        log.info("%s: the file's classifier %s dropped (another class count, or drop_head=True): %s.", name,
+                 _first(report.head_dropped), why)
     elif report.head_initialised:
         log.info("%s: the file has no classifier %s: the head stays at its initialisation.", name,
                  _first(report.head_initialised))
@@ -303,6 +343,9 @@ def _log(report: PretrainedReport, model: nn.Module) -> None:
         log.info("%s: resized to the model's input size: %s.", name, _first(report.resized))
     if report.ignored:
         log.info("%s: ignored as asked: %s.", name, _first(report.ignored))
+    if report.unused:
+        log.info("%s: %d tensors of the file are not used by the feature extractor (features_only): %s.", name,
+                 len(report.unused), _first(report.unused))
 
 
 def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping[str, Any], *, ema: bool = True,
