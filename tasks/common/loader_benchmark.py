@@ -90,12 +90,13 @@ def imagenet_data_config() -> dict[str, Any]:
 
 
 def imagenet_loader_benchmark(root: str | Path | None = None, images: int = 96, image_size: int = 400,
-                              classes: int = 4, batch_size: int = 32, rounds: int = 5,
+                              classes: int = 4, batch_size: int = 32, rounds: int = 5, passes: int = 3,
                               img_size: int | None = None, clock: str = "cpu") -> dict[str, Any]:
     """Time the ImageNet training loader against a plain one (see the module docstring).
 
     ``root``: an ImageNet-layout folder; by default one is generated in a temporary folder.
-    ``img_size`` overrides the recipe's crop size (tests use a small one).
+    Each timing covers ``passes`` epochs: the cost of a sample depends on its RandAugment draws, and
+    more epochs average that out. ``img_size`` overrides the recipe's crop size (tests use a small one).
     """
     import timm.data
 
@@ -118,13 +119,14 @@ def imagenet_loader_benchmark(root: str | Path | None = None, images: int = 96, 
             framework.sampler.set_epoch(epoch)
             return framework
 
-        best = time_loaders({"framework": run_framework, "plain": lambda _: plain}, samples, rounds, clock=clock)
+        best = time_loaders({"framework": run_framework, "plain": lambda _: plain}, samples, rounds, passes,
+                            clock=clock)
     return _result("imagenet", best, samples, batch_size, rounds, clock)
 
 
 # ---------------------------------------------------------------------------------------------- ListOps
 def listops_loader_benchmark(root: str | Path | None = None, sequences: int = 2048, batch_size: int = 32,
-                             rounds: int = 5, passes: int = 5, max_length: int = 2000,
+                             rounds: int = 5, passes: int = 20, max_length: int = 2000,
                              clock: str = "cpu") -> dict[str, Any]:
     """Time the ListOps training loader against a plain one (see the module docstring).
 
