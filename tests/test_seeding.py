@@ -55,6 +55,30 @@ def test_inside_a_worker_the_draws_are_the_same_without_save_restore(monkeypatch
     assert not saved                               # no state copies in a worker (they cost ~70 us a sample)
 
 
+def test_in_process_loader_copies_the_global_states_once_per_batch(standin_root, monkeypatch):
+    """num_workers=0: the globals are as before after every batch, at one copy per batch, not per sample."""
+    loader = _imagenet(standin_root, num_workers=0)
+    reference = [x for x, _ in loader]
+    copies = []
+    real_get_state = np.random.get_state
+    monkeypatch.setattr(seeding.np.random, "get_state", lambda *a: copies.append(1) or real_get_state(*a))
+    random.seed(5), np.random.seed(5), torch.default_generator.manual_seed(5)
+    outside = _draws()
+    random.seed(5), np.random.seed(5), torch.default_generator.manual_seed(5)
+    it = iter(loader)
+    first = next(it)[0]
+    torch.randint(10, ()), np.random.rand(), random.random()  # the training step draws in between
+    batches = [first, *(x for x, _ in it)]
+    monkeypatch.undo()
+    assert len(batches) == 10 and len(copies) == 11         # one per batch, one for the end of the epoch
+    assert all(torch.equal(a, b) for a, b in zip(batches, reference))
+    random.seed(5), np.random.seed(5), torch.default_generator.manual_seed(5)
+    with seeding.preserve_global_rng():
+        with seeded(123):
+            _draws()
+    assert _draws() == outside
+
+
 # ---------------------------------------------------------------------- the loaders never seed CUDA
 def _record_cuda_seeding(monkeypatch, log: Path) -> None:
     """Every CUDA seeding entry point appends one line to ``log`` (also from forked workers)."""

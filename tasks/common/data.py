@@ -21,13 +21,16 @@ and restores a data module's ``state_dict`` before any loader exists.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .seeding import derive_seed
+from .seeding import derive_seed, preserve_global_rng
+
+_END = object()
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -113,7 +116,12 @@ class ResumableDataLoader(DataLoader):
         start, self._resume_at = self._resume_at, 0
         self.sampler.skip = start * self.batch_size
         self._consumed = start
-        for batch in super().__iter__():
+        batches = super().__iter__()
+        while True:  # in-process: one copy of the global RNG states per batch (not per sample)
+            with preserve_global_rng() if self.num_workers == 0 else contextlib.nullcontext():
+                batch = next(batches, _END)
+            if batch is _END:
+                return
             self._consumed += 1
             yield batch
 

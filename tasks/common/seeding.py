@@ -49,31 +49,50 @@ def reseed_cpu(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
 
+_preserving = False  # True while preserve_global_rng() holds copies of the global states
+
+
+@contextlib.contextmanager
+def preserve_global_rng() -> Iterator[None]:
+    """Restore the Python, NumPy and torch-CPU global states after the block; :func:`seeded` blocks inside
+    skip their own copies. In-process loaders fetch each batch under it (one copy per batch, not per sample).
+    """
+    global _preserving
+    if _preserving:
+        yield
+        return
+    py, nps, th = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    _preserving = True
+    try:
+        yield
+    finally:
+        _preserving = False
+        random.setstate(py)
+        np.random.set_state(nps)
+        torch.default_generator.set_state(th)
+
+
 @contextlib.contextmanager
 def seeded(seed: int | None) -> Iterator[None]:
     """Run a block (one sample's transform) under ``seed``: Python, NumPy and the torch CPU generator.
 
     ``None`` runs the block unchanged. CUDA generators are never touched (data transforms run on CPU).
-    In the main process (``num_workers=0``) the previous states are restored after the block; inside a
-    DataLoader worker, where the global generators serve nothing else (every seeded sample reseeds
-    them), the save/restore is skipped: NumPy's ``get_state``/``set_state`` alone cost ~70 us a sample.
-    The block's draws are the same either way, so augmentation does not depend on the worker count.
+    The global states are as before once the block (or the enclosing :func:`preserve_global_rng`, as
+    around each batch of an in-process ``ResumableDataLoader``) ends; inside a DataLoader worker, where
+    the global generators serve nothing else (every seeded sample reseeds them), nothing is copied.
+    The copies are what costs (NumPy's ``get_state``/``set_state`` ~70 us); the block's draws are the
+    same either way, so augmentation does not depend on the worker count.
     """
     if seed is None:
         yield
         return
-    if get_worker_info() is not None:
+    if _preserving or get_worker_info() is not None:
         reseed_cpu(seed)
         yield
         return
-    py, nps, th = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
-    reseed_cpu(seed)
-    try:
+    with preserve_global_rng():
+        reseed_cpu(seed)
         yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(nps)
-        torch.default_generator.set_state(th)
 
 
 def collect_rng_states() -> dict[str, Any]:
