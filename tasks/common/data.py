@@ -117,8 +117,10 @@ class ResumableDataLoader(DataLoader):
         self.sampler.skip = start * self.batch_size
         self._consumed = start
         batches = super().__iter__()
-        while True:  # in-process: one copy of the global RNG states per batch (not per sample)
-            with preserve_global_rng() if self.num_workers == 0 else contextlib.nullcontext():
+        # in-process with seeded samples: one copy of the global RNG states per batch, not per sample
+        preserve = self.num_workers == 0 and self.sampler.seed_samples
+        while True:
+            with preserve_global_rng() if preserve else contextlib.nullcontext():
                 batch = next(batches, _END)
             if batch is _END:
                 return
