@@ -163,7 +163,7 @@ def print_results(results: list[dict[str, Any]]) -> None:
     print("| task | training loader (ms/sample) | plain DataLoader (ms/sample) | ratio | goal <= 1.05 |")
     print("|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['task']} | {r['framework_ms']:.3f} | {r['plain_ms']:.3f} | x{r['ratio']:.3f} | "
+        print(f"| {r['task']} | {r['framework_ms']:.4g} | {r['plain_ms']:.4g} | x{r['ratio']:.3f} | "
               f"{'yes' if r['ratio'] <= 1.05 else 'no'} |")
     r = results[0]
     clock = "CPU time of this process" if r["clock"] == "cpu" else "wall-clock time"
