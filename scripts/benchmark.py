@@ -137,7 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--floor", action="store_true",
                    help="also time each cached model reduced to its GEMMs and attention calls (the lowest reachable ratio)")
     p.add_argument("--lra-lengths", default="512,1024,2048,4096")
+    p.add_argument("--data", action="store_true",
+                   help="only time the training data loaders against a plain DataLoader (tasks/common/loader_benchmark.py)")
     args = p.parse_args(argv)
+    if args.data:
+        from tasks.common.loader_benchmark import main as data_benchmark
+        data_benchmark([])
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for but no GPU is visible; run with --device cpu.")

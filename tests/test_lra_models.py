@@ -216,6 +216,29 @@ def test_lsh_rotations_fixed_in_eval_resampled_in_training():
     assert not torch.allclose(attn(x), attn(x))
 
 
+@pytest.mark.parametrize("n_hashes", [1, 3])
+def test_lsh_cross_attention_hashes_queries_and_keys_alike_in_training(n_hashes, monkeypatch):
+    """Queries and cache keys of one forward share the rotations: identical vectors always share a bucket
+    (the eval rule), and the rotations are drawn afresh at every training forward."""
+    torch.manual_seed(0)
+    cross = LSHCrossAttention(16, 2, chunk_len=4, n_hashes=n_hashes, n_buckets=32).train()
+    with torch.no_grad():
+        cross.kv.weight[:16] = cross.q.weight                  # keys = queries (up to the positive key norm)
+    x = torch.randn(2, 64, 16)
+    calls = []
+    real_hash = cross.hash
+    monkeypatch.setattr(cross, "hash", lambda vecs, *a, **kw: calls.append(real_hash(vecs, *a, **kw)) or calls[-1])
+    draws = []
+    for mode in ("train", "train", "eval"):
+        cross.train(mode == "train")
+        calls.clear()
+        cross(x, x)
+        qb, kb = torch.cat(calls, -1).split(64, -1)           # B x H x n_hashes x T, queries then keys
+        assert torch.equal(qb, kb), f"{float((qb == kb).float().mean()):.0%} bucket agreement in {mode}"
+        draws.append(qb)
+    assert not torch.equal(draws[0], draws[1])
+
+
 @pytest.mark.parametrize("n_hashes", [1, 2])
 def test_lsh_cross_attention(n_hashes):
     torch.manual_seed(0)
@@ -294,13 +317,53 @@ def test_train_step_reduces_loss_on_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("attention", ["full", "bigbird", "reformer"])
-def test_cached_models_train_under_bf16_autocast(attention):
-    model = LRAClassifier(attention=attention, grc={"enabled": True}, **SMALL).train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(_tokens([64, 40], 64))
-    assert logits.dtype == torch.bfloat16
+# ---------------------------------------------------------------------- mixed precision
+# every ListOps model (baseline and GRC) under both autocast dtypes: the Reformer twice, as one hash
+# round runs on the fused SDPA kernel and several rounds on masked_softmax + log-sum-exp
+AMP_MODELS = [(a, g, nh) for a, nh in (("full", 1), ("bigbird", 1), ("reformer", 1), ("reformer", 2))
+              for g in (False, True)]
+AMP_DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+AMP_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}  # max |logit error| / max |logit|; measured <= 1.6e-3 / 1.4e-2
+
+
+def _amp_model(attention, cached, n_hashes, chunk_len=4):
+    kw = dict(SMALL, reformer=dict(chunk_len=chunk_len, n_buckets=8, n_hashes=n_hashes))
+    return LRAClassifier(attention=attention, grc={"enabled": cached}, **kw)
+
+
+@AMP_DTYPES
+@pytest.mark.parametrize("attention, cached, n_hashes", AMP_MODELS)
+def test_models_train_under_autocast(attention, cached, n_hashes, dtype):
+    """16-mixed (what `precision: auto` picks on GPUs without bf16, e.g. V100) and bf16-mixed: the masks
+    must fit the dtype (float16 cannot hold -1e9), the step must be finite, the cache stays float32."""
+    torch.manual_seed(0)
+    model = _amp_model(attention, cached, n_hashes).train()
+    with torch.autocast("cpu", dtype=dtype):
+        logits = model(_tokens([64, 40, 17], 64))
+    assert logits.dtype == dtype and bool(torch.isfinite(logits).all())
     logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all())
+               for p in model.parameters() if p.requires_grad)
     assert all(layer.cache.dtype == torch.float32 and layer.cache.abs().sum() > 0
                for layer in grc_layers(model).values())
-    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+    assert len(grc_layers(model)) == (2 if cached else 0)
+
+
+@AMP_DTYPES
+@pytest.mark.parametrize("attention, cached, n_hashes", AMP_MODELS)
+def test_models_under_autocast_match_float32(attention, cached, n_hashes, dtype):
+    """Autocast logits are float32's up to the dtype's rounding (with a cache written in training).
+
+    The Reformer is compared with one chunk holding every token: with small chunks a rounding can move a
+    vector across a bucket border, which changes the attended set, not the precision of the computation."""
+    torch.manual_seed(0)
+    model = _amp_model(attention, cached, n_hashes, chunk_len=256)
+    tok = _tokens([64, 40, 17], 64)
+    with torch.no_grad():
+        model.train()(tok)                                     # write the caches
+        model.eval()
+        ref = model(tok)
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(tok)
+    assert out.dtype == dtype
+    assert float((out.float() - ref).abs().max()) <= AMP_TOL[dtype] * float(ref.abs().max())

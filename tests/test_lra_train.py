@@ -127,3 +127,28 @@ def test_listops_demo_composes():
     assert cfg.model.name == "lra_transformer_grc" and cfg.model.emb_dim == 64 and cfg.data.generate.max_depth == 3
     base = compose_config(["experiment=listops_demo", "model=lra_transformer", "paths.run_dir=unused"])
     assert base.model.name == "lra_transformer" and base.model.emb_dim == 64
+
+
+def test_resume_mid_epoch_is_exact(listops_root, tmp_path):
+    """N steps == N/2 steps + resume to N for the cached Reformer (dropout, fresh LSH rotations, cache):
+    same weights, caches and optimizer state. 6 batches per epoch: the split is mid-epoch 0, the end in epoch 1."""
+    from tasks.common.runner import train
+
+    def cfg(run: str, steps: int, *extra: str):
+        return compose_config([*lra_overrides(listops_root, tmp_path / run, "lra_reformer_grc", steps=steps),
+                               "trainer.deterministic=true", "trainer.val_check_interval=100",
+                               "callbacks.last_checkpoint.every_n_train_steps=null", *extra])
+
+    train(cfg("full", 9))
+    train(cfg("split", 4))
+    half = torch.load(tmp_path / "split" / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert half["global_step"] == 4
+    train(cfg("split", 9, "ckpt_path=last"))
+    a, b = (torch.load(tmp_path / r / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+            for r in ("full", "split"))
+    assert a["global_step"] == b["global_step"] == 9
+    assert any(k.endswith(".cache") for k in a["state_dict"])
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)

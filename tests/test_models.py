@@ -359,3 +359,44 @@ def test_mixed_precision_train_and_eval(name, dtype):
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         model(x)
     assert all(torch.equal(c, cached[k]) for k, c in caches(model).items())
+
+
+def _reduced(name: str) -> dict:
+    """64 x 64 inputs and one block per stage: every layer type of the model at a test's cost."""
+    if name.startswith("swin"):
+        return dict(img_size=64, window_size=4, embed_dim=48, depths=(1, 1, 1, 1))
+    if name.startswith("vit"):
+        return dict(img_size=64, depth=2)
+    if name.startswith("pvt_v2") and not name.endswith("_grc"):
+        return dict(depths=(1, 1, 1, 1))  # timm's PVTv2 takes any input size
+    return dict(img_size=64, depths=(1, 1, 1, 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(set(MODEL_NAMES) | set(BASELINES.values())))
+def test_every_model_and_baseline_under_fp16_and_bf16_autocast(name):
+    """Every registered model and every baseline the paper compares with, at reduced depth: under fp16
+    (16-mixed, what `precision: auto` picks on GPUs without bf16) and bf16 autocast the eval logits are the
+    float32 ones to the dtype's rounding, and a training step is finite with float32 caches written."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **_reduced(name))
+    x = images()
+    train_step(model, x)  # float32 step: caches hold something for the comparison
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    for dtype, tol in ((torch.float16, 1e-2), (torch.bfloat16, 5e-2)):  # measured <= 1.7e-3 / 1.6e-2
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            out = model(x)
+        assert out.dtype == dtype
+        assert float((out.float() - ref).abs().max()) <= tol * float(ref.abs().max()), dtype
+    model.train()
+    for dtype in (torch.float16, torch.bfloat16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(x)
+        assert bool(torch.isfinite(out).all())
+        out.float().square().mean().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(bool(torch.isfinite(g).all()) for g in grads), dtype
+        assert all(c.dtype == torch.float32 and c.abs().sum() > 0 for c in caches(model).values())

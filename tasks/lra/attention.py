@@ -21,7 +21,7 @@
   sort. Padding tokens get their own last bucket, so they never move a valid token's chunk; the
   rotations are resampled at every training forward (Reformer) and fixed (a seeded buffer) in eval.
 * :class:`LSHCrossAttention` -- LSH from queries onto the GRC cache: queries and cache keys are hashed
-  with the same rotations, sorted jointly by (bucket, relative position) and chunked; a query attends
+  with the same rotations (one draw per training forward), sorted jointly by (bucket, relative position) and chunked; a query attends
   to the cache keys in its chunk and the previous one. Queries with no key there get zero output.
 
 All modules take ``key_padding_mask`` (B x T bool, True = pad) the GRC layer passes to its host.
@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_SELF_MASK = -1e5  # Reformer: a token attends to itself only when nothing else is in its window
 _EXP_FLOOR = -30.0  # see masked_softmax
 
 
@@ -43,12 +42,23 @@ def _neg(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
-_MASKED = -1e9  # additive mask value for SDPA: finite, so a row with nothing to attend to never gives NaN
+def masked_value(dtype: torch.dtype) -> float:
+    """Additive mask value for SDPA in ``dtype``: -1e9, or half the most negative number where -1e9 does not
+    fit (float16: -32752). Finite, so a row with nothing to attend to never gives NaN; half the range, so
+    adding :func:`self_mask_value` (a quarter of it) cannot overflow to -inf."""
+    return max(-1e9, torch.finfo(dtype).min / 2)
+
+
+def self_mask_value(dtype: torch.dtype) -> float:
+    """Reformer's penalty on a token attending to itself (it does only when nothing else is in its window):
+    -1e5, or a quarter of the most negative ``dtype`` number where -1e5 does not fit (float16: -16376).
+    Always far below any real logit and far above :func:`masked_value`."""
+    return max(-1e5, torch.finfo(dtype).min / 4)
 
 
 def additive_mask(ok: torch.Tensor, dtype: torch.dtype, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool ``ok`` (True = attend) -> additive float mask for SDPA (0 / -1e9), plus ``extra`` if given."""
-    mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill(~ok, _MASKED)
+    """Bool ``ok`` (True = attend) -> additive float mask for SDPA (0 / :func:`masked_value`), plus ``extra``."""
+    mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill(~ok, masked_value(dtype))
     return mask if extra is None else mask + extra
 
 
@@ -305,10 +315,21 @@ class _LSHBase(nn.Module):
         self.register_buffer("rotations", torch.randn(num_heads, self.head_dim, n_hashes, n_buckets // 2,
                                                       generator=gen))
 
-    def hash(self, vecs: torch.Tensor) -> torch.Tensor:
-        """vecs: B x H x T x d -> buckets B x H x n_hashes x T (angular LSH, argmax over [xR, -xR])."""
-        rot = self.rotations if not self.training else torch.randn_like(self.rotations)
-        r = torch.einsum("bhtd,hdnk->bhntk", vecs.detach(), rot.to(vecs.dtype))
+    def draw_rotations(self) -> torch.Tensor:
+        """The random rotations of one forward: fresh in training (Reformer), the seeded buffer in eval.
+
+        Everything hashed in one forward (queries and keys of the cross attention) must use the same
+        draw, or identical vectors land in different buckets."""
+        return torch.randn_like(self.rotations) if self.training else self.rotations
+
+    def hash(self, vecs: torch.Tensor, rotations: torch.Tensor | None = None) -> torch.Tensor:
+        """vecs: B x H x T x d -> buckets B x H x n_hashes x T (angular LSH, argmax over [xR, -xR]).
+
+        ``rotations`` from :meth:`draw_rotations` (drawn here when not given). The projection runs in
+        float32 outside autocast, so mixed precision does not move vectors across bucket borders."""
+        rot = self.draw_rotations() if rotations is None else rotations
+        with torch.autocast(vecs.device.type, enabled=False):
+            r = torch.einsum("bhtd,hdnk->bhntk", vecs.detach().float(), rot.float())
         return torch.cat([r, -r], -1).argmax(-1)
 
     @staticmethod
@@ -366,14 +387,14 @@ class LSHSelfAttention(_LSHBase):
         kpad[:, 0, cl:] = True                                                         # chunk 0 has no previous chunk
         drop = self.attn_drop if self.training else 0.0
         if nh == 1:  # one round: no log-sum-exp needed, use the fused kernel
-            self_bias = (spos[..., :, None] == kpos[..., None, :]).to(sqk.dtype) * _SELF_MASK
+            self_bias = (spos[..., :, None] == kpos[..., None, :]).to(sqk.dtype) * self_mask_value(sqk.dtype)
             mask = additive_mask(~kpad[..., None, :], sqk.dtype, self_bias)
             so = F.scaled_dot_product_attention(sqk, sk, svv, attn_mask=mask, dropout_p=drop).reshape(n, tp, d)
             out = so.gather(1, torch.argsort(perm.reshape(n, tp), dim=-1)[..., None].expand(-1, -1, d))
             out = out.view(b, h, tp, d)[:, :, :t]
             return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, t, c)))
         logits = torch.einsum("ncqd,nckd->ncqk", sqk, sk) * d ** -0.5
-        logits = logits.masked_fill(spos[..., :, None] == kpos[..., None, :], _SELF_MASK)
+        logits = logits.masked_fill(spos[..., :, None] == kpos[..., None, :], self_mask_value(logits.dtype))
         probs, lse = masked_softmax(logits, ~kpad[..., None, :])
         if drop:
             probs = F.dropout(probs, drop)
@@ -414,8 +435,9 @@ class LSHCrossAttention(_LSHBase):
         # joint sort of queries and keys by (bucket, relative position); padded queries last
         nall = t + tm
         npad = -(-nall // cl) * cl
-        qb = self.hash(q).masked_fill(qpad[:, None, None, :], self.n_buckets)
-        kb = self.hash(k)
+        rot = self.draw_rotations()  # one draw for queries and keys
+        qb = self.hash(q, rot).masked_fill(qpad[:, None, None, :], self.n_buckets)
+        kb = self.hash(k, rot)
         qrel = (torch.arange(t, device=x.device)[None].float() + 0.5) / lengths[:, None].float()   # B x T
         krel = (torch.arange(tm, device=x.device).float() + 0.5) / tm
         rel = torch.cat([qrel, krel.expand(b, tm)], 1).clamp(max=1.0).double()
