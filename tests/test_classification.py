@@ -279,10 +279,10 @@ def test_sigterm_on_the_command_line(standin_root, tmp_path):
     args = [sys.executable, "train.py", "data=standin", f"data.root={standin_root}", "data.batch_size=8",
             "data.num_workers=0", "trainer=cpu", "trainer.max_steps=400", "trainer.num_sanity_val_steps=0",
             "trainer.enable_progress_bar=false", "model=pvt_tiny", f"paths.output_dir={out}",
-            "callbacks.last_checkpoint.every_n_train_steps=1", "callbacks.model_checkpoint=null"]
+            "callbacks.last_checkpoint.every_n_train_steps=1", "callbacks.model_checkpoint=null", "run_name=sigterm"]
     proc = subprocess.Popen(args, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    last = out / "imagenet" / "pvt_tiny-seed0" / "checkpoints" / "last.ckpt"
+    last = out / "imagenet" / "sigterm" / "checkpoints" / "last.ckpt"
     import time
 
     deadline = time.time() + 240
@@ -357,11 +357,11 @@ def test_ddp_sim_smoke(standin_root, tmp_path):
     out = tmp_path / "outputs"
     args = [sys.executable, "train.py", "trainer=ddp_sim", "data=standin", f"data.root={standin_root}",
             "data.batch_size=8", "data.num_workers=0", "trainer.max_steps=3", "trainer.num_sanity_val_steps=0",
-            "trainer.enable_progress_bar=false", "model=pvt_tiny_grc", f"paths.output_dir={out}"]
+            "trainer.enable_progress_bar=false", "model=pvt_tiny_grc", f"paths.output_dir={out}", "run_name=ddp_smoke"]
     proc = subprocess.run(args, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = out / "imagenet" / "e2e"  # run_name given on the command line names the directory exactly
+    run = out / "imagenet" / "ddp_smoke"
     ckpt = _load(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3
     assert "val/acc1" in _columns(run / "csv" / "metrics.csv")

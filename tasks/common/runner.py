@@ -309,10 +309,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_float32_matmul_precision(str(cfg.get("matmul_precision") or "high"))
 
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    resume_step = prepare_resume(cfg, ckpt, run_dir)  # before the (slow) data scan: a refusal comes at once
     builder = get_method(str(cfg.task.builder))
     module, datamodule = builder(cfg)
-    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
-    resume_step = prepare_resume(cfg, ckpt, run_dir)
     loggers = build_loggers(cfg, run_dir)
     for logger in loggers:
         if isinstance(logger, ResumableCSVLogger):
