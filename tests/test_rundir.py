@@ -27,7 +27,7 @@ def test_run_dirs_differ_by_recipe_and_not_by_execution_settings():
     ratio = run_dir("model=pvt_grc", "grc.ratio=0.25")
     lr = run_dir("model=pvt_grc", "task.optimizer.lr=1e-3")
     assert len({base, paper, ratio, lr}) == 4
-    assert ratio == "outputs/imagenet/pvt_tiny_grc-seed0,grc.ratio=0.25"
+    assert ratio == "outputs/imagenet/pvt_tiny_grc-seed0+grc.ratio-0.25"
     # the same command (in any order, with resume/location/worker/logger/device settings) finds the same directory
     assert run_dir("grc.ratio=0.25", "model=pvt_grc", "ckpt_path=last", "data.root=/elsewhere", "data.num_workers=2",
                    "logger=wandb", "trainer.devices=4", "paths.data_dir=/d", "resume_mismatch=allow") == ratio
@@ -35,14 +35,20 @@ def test_run_dirs_differ_by_recipe_and_not_by_execution_settings():
     # experiment files name their runs; overrides on top still change the directory
     exp = "experiment=paper/table1_pvt_tiny_cached"
     assert run_dir(exp, "data.root=/x") == "outputs/imagenet/table1_pvt_tiny_cached-seed0"
-    assert run_dir(exp, "grc.ratio=0.25").endswith("table1_pvt_tiny_cached-seed0,grc.ratio=0.25")
-    assert run_dir(exp, "model=pvt_small_grc").endswith(",model=pvt_small_grc")  # not in that run_name
+    assert run_dir(exp, "grc.ratio=0.25").endswith("table1_pvt_tiny_cached-seed0+grc.ratio-0.25")
+    assert run_dir(exp, "model=pvt_small_grc").endswith("+model-pvt_small_grc")  # not in that run_name
     # run_name on the command line is the directory; very long suffixes become a short hash
     assert run_dir("model=pvt_grc", "run_name=mine", "grc.ratio=0.25") == "outputs/imagenet/mine"
     long = run_dir("model=pvt_grc", *(f"+task.x{i}={'v' * 20}" for i in range(8)))
     name = long.rsplit("/", 1)[1]
-    assert name.startswith("pvt_tiny_grc-seed0,h") and len(name) < 40
-    assert run_dir("model=pvt_grc", "data.aug.scale=[0.5,1.0]").endswith(",data.aug.scale=_0.5_1.0_")
+    assert name.startswith("pvt_tiny_grc-seed0+h") and len(name) < 40
+    assert run_dir("model=pvt_grc", "data.aug.scale=[0.5,1.0]").endswith("+data.aug.scale-_0.5_1.0_")
+    # a directory can be handed back on the command line unquoted (ckpt_path=<dir>/checkpoints/last.ckpt)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for path in (paper, ratio, lr, long):
+        (parsed,) = OverridesParser.create().parse_overrides([f"ckpt_path={path}/checkpoints/last.ckpt"])
+        assert not parsed.is_sweep_override() and parsed.value() == f"{path}/checkpoints/last.ckpt"
 
 
 def test_sweep_dir_exclusions_are_not_recipe_keys():

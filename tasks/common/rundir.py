@@ -2,17 +2,20 @@
 
 Name (``hydra.run.dir`` = ``<paths.output_dir>/<paths.run_prefix><task.name>/<name>``): ``run_name``
 (default ``<model.name>-seed<seed>``; experiment files set their own), followed by the command-line
-overrides that change the recipe, sorted, as ``,key=value`` (Hydra's multirun spelling):
+overrides that change the recipe, sorted by key, each as ``+key-value``:
 
     python train.py model=pvt_grc                          -> pvt_tiny_grc-seed0
-    python train.py model=pvt_grc grc=paper grc.ratio=0.25 -> pvt_tiny_grc-seed0,grc=paper,grc.ratio=0.25
-    python train.py model=pvt_grc grc.ratio=0.25 ckpt_path=last data.root=/x   -> the same as the line above
+    python train.py model=pvt_grc grc=paper grc.ratio=0.25 -> pvt_tiny_grc-seed0+grc-paper+grc.ratio-0.25
+    python train.py model=pvt_grc grc.ratio=0.25 ckpt_path=last data.root=/x   -> pvt_tiny_grc-seed0+grc.ratio-0.25
+
+No ``=`` or ``,`` (Hydra would read ``ckpt_path=<dir>/checkpoints/last.ckpt`` as a sweep), no ``/``: any
+other character outside ``A-Z a-z 0-9 . _ + - @`` becomes ``_``.
 
 Left out: overrides of non-recipe keys (:data:`tasks.common.fingerprint.NON_RECIPE`: ``ckpt_path``,
 ``paths.*``, ``data.root``, ``data.num_workers``, ``logger``, ``callbacks``, ``trainer.devices``, ...),
 ``task``/``experiment`` (the task is the parent folder; an experiment sets ``run_name``), and
 ``model``/``seed`` when ``run_name`` already shows them. ``run_name=...`` on the command line names the
-directory exactly. A suffix longer than :data:`MAX_SUFFIX` characters becomes ``,h<10 hex digits>`` of
+directory exactly. A suffix longer than :data:`MAX_SUFFIX` characters becomes ``+h<10 hex digits>`` of
 its text. Same command, same directory: rerunning with ``ckpt_path=last`` resumes.
 
 A directory name identifies the command, not the resolved config (an edited YAML file keeps the name):
@@ -37,7 +40,7 @@ log = logging.getLogger(__name__)
 MAX_SUFFIX = 120
 # config groups whose choice never changes the recipe (hydra/launcher: where jobs run)
 NON_RECIPE_GROUPS = ("logger", "callbacks", "paths", "hydra", "hydra/launcher")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=+\-]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+\-@]")
 
 
 def _split(override: str) -> tuple[str, str]:
@@ -56,21 +59,21 @@ def recipe_overrides(overrides: Iterable[str], run_name: str, model_name: str = 
             continue
         if key == "seed" and f"seed{value}" in run_name:
             continue
-        kept.append(f"{key}={value}")
-    return sorted(kept, key=lambda s: _split(s)[0])
+        kept.append((key, value))
+    return [f"{k}={v}" for k, v in sorted(kept, key=lambda kv: kv[0])]
 
 
 def run_dir_name(run_name: str, model_name: str = "", seed: Any = None, overrides: Iterable[str] = ()) -> str:
     """The run directory name for ``run_name`` and the command-line ``overrides``."""
     overrides = [str(o) for o in overrides]
     if any(_split(o)[0] == "run_name" for o in overrides):
-        return _UNSAFE.sub("_", str(run_name).replace("/", "_"))
+        return _UNSAFE.sub("_", str(run_name))
     kept = recipe_overrides(overrides, str(run_name), str(model_name or ""), seed)
-    suffix = ",".join(_UNSAFE.sub("_", item.replace("/", "_")) for item in kept)
+    suffix = "+".join(_UNSAFE.sub("_", "-".join(_split(item))) for item in kept)
     if len(suffix) > MAX_SUFFIX:
         suffix = "h" + hashlib.sha256(",".join(kept).encode()).hexdigest()[:10]
-    name = _UNSAFE.sub("_", str(run_name).replace("/", "_"))
-    return f"{name},{suffix}" if suffix else name
+    name = _UNSAFE.sub("_", str(run_name))
+    return f"{name}+{suffix}" if suffix else name
 
 
 def _resolver(run_name: Any, model_name: Any, seed: Any, overrides: Any) -> str:
