@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Evaluate a checkpoint on every split its task defines: ``python eval.py ckpt_path=... [data.root=...] [trainer.devices=N]``.
+"""Evaluate a checkpoint on every split its task defines.
+
+    python eval.py ckpt_path=... [data.root=...] [trainer.devices=N]
 
 The task, model, GRC and data settings come from the checkpoint's stored config. Validation metrics
 (``val/*``) and, for tasks with a test split (ListOps), test metrics (``test/*``) go to

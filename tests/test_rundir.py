@@ -137,7 +137,8 @@ def test_fresh_start_keeps_the_previous_run(tiny):
     result = read_run(run)
     assert len(result.history["train/loss_step"]) == 1  # one step: the new run's, not the first run's three
     _train(tiny("model=pvt_tiny", "trainer.max_steps=1"))
-    assert (run / "csv" / "metrics.2.csv").is_file() and (run / "previous" / "2" / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "csv" / "metrics.2.csv").is_file()
+    assert (run / "previous" / "2" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_csv_logger_renames_instead_of_deleting(tmp_path):

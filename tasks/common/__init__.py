@@ -3,7 +3,9 @@
 ``errors`` user-facing errors; ``seeding`` deterministic randomness; ``data`` resumable samplers and
 loader; ``optim`` parameter groups, lr scaling, schedules; ``module`` the base LightningModule;
 ``ema`` EMA with cache copying; ``callbacks`` last.ckpt owner and GRC logging; ``models`` timm model
-factory; ``runner`` train/evaluate; ``cli`` command-line guards.
+factory; ``runner`` train/evaluate; ``cli`` command-line guards; ``rundir`` run directory names and
+keeping earlier runs; ``fingerprint`` the recipe and the refusal to resume across recipes; ``perf``
+throughput, ETA and GPU memory.
 
 Importing this package only registers three OmegaConf resolvers, kept light on purpose:
 ``${ct_or:a,b}`` = a, or b when a is empty; ``${ct_job_dir:override_dirname,job_num}`` = the sweep

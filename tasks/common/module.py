@@ -8,7 +8,8 @@
 * per-step seeding (:mod:`tasks.common.seeding`), so resumed runs draw the same random numbers;
 * the non-finite loss guard (all ranks agree, then stop with a clear message) and a refusal to save a
   checkpoint whose weights are not finite, so the last good checkpoint survives;
-* checkpoint extras: global RNG states, the recipe fingerprint (:mod:`tasks.common.fingerprint`) and the EMA weights (the GRC caches are buffers of the model
+* checkpoint extras: global RNG states, the recipe fingerprint (:mod:`tasks.common.fingerprint`) and
+  the EMA weights (the GRC caches are buffers of the model
   and are in ``state_dict`` already);
 * optional EMA (:class:`tasks.common.ema.CacheCopyingEMA`);
 * optional ``torch.compile`` of the model (``compile.enabled``), in place so checkpoints keep their keys.

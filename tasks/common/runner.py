@@ -439,7 +439,8 @@ def evaluate(cfg: DictConfig, cli_overrides: list[str] | None = None) -> dict[st
     if rank0:
         eval_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, eval_dir / "config.yaml")
-    loggers = [ResumableCSVLogger(save_dir=str(eval_dir), name="csv", version="")]  # an older file becomes metrics.<n>.csv
+    # an earlier evaluation's file becomes metrics.<n>.csv
+    loggers = [ResumableCSVLogger(save_dir=str(eval_dir), name="csv", version="")]
     trainer = build_trainer(cfg, eval_dir, loggers, [])
     trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = _final_metrics(trainer)
