@@ -1,7 +1,11 @@
 #!/usr/bin/env python
-"""Evaluate a checkpoint on the validation split: ``python eval.py ckpt_path=... [data.root=...] [model=...]``.
+"""Evaluate a checkpoint on every split its task defines.
 
-Logs ``val/acc1``, ``val/acc5``, ``val/loss`` to ``<run_dir>/eval/<ckpt name>/csv/metrics.csv`` and prints them.
+    python eval.py ckpt_path=... [data.root=...] [trainer.devices=N]
+
+The task, model, GRC and data settings come from the checkpoint's stored config. Validation metrics
+(``val/*``) and, for tasks with a test split (ListOps), test metrics (``test/*``) go to
+``<run_dir>/eval/<ckpt name>/csv/metrics.csv`` and ``results.json`` and are printed.
 """
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ def main(cfg: DictConfig) -> None:
 
     overrides = list(HydraConfig.get().overrides.task)
     result = exit_on_user_error(lambda: evaluate(cfg, overrides))
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
     shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result["metrics"].items()))
     print(f"{result['ckpt_path']}{' (EMA)' if result['ema'] else ''}: {shown} -> {result['eval_dir']}", flush=True)
 

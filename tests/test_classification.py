@@ -85,17 +85,18 @@ def test_train_cli_end_to_end(standin_root, tmp_path):
     out = tmp_path / "outputs"
     args = ["data=standin", f"data.root={standin_root}", "data.batch_size=8", "data.num_workers=0", "trainer=cpu",
             "trainer.max_steps=2", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
-            "trainer.log_every_n_steps=1", f"paths.output_dir={out}", "model=pvt_grc", "task=imagenet"]
+            "trainer.log_every_n_steps=1", f"paths.output_dir={out}", "model=pvt_grc", "task=imagenet", "run_name=e2e"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = out / "imagenet" / "pvt_tiny_grc-seed0"
+    run = out / "imagenet" / "e2e"  # run_name given on the command line names the directory exactly
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "csv" / "metrics.csv").is_file()
     assert OmegaConf.load(run / ".hydra" / "config.yaml").paths.run_dir == str(run)
     assert "Finished" in proc.stdout and "val/acc1=" in proc.stdout
-    # the same command with ckpt_path=last resumes in the same directory
-    proc = subprocess.run([sys.executable, "train.py", *args, "trainer.max_steps=3", "ckpt_path=last"], cwd=REPO,
+    # ckpt_path=last resumes in the same directory (a longer run is another recipe: resume_mismatch=allow)
+    proc = subprocess.run([sys.executable, "train.py", *args, "trainer.max_steps=3", "ckpt_path=last",
+                           "resume_mismatch=allow"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == 3
@@ -128,7 +129,7 @@ def test_resume_mid_epoch_is_exact(standin_root, tmp_path):
     half = _load(tmp_path / "split" / "run" / "checkpoints" / "last.ckpt")
     assert half["global_step"] == 7
     assert half["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 7
-    _train(cfg("split", 14, "ckpt_path=last"))
+    _train(cfg("split", 14, "ckpt_path=last", "resume_mismatch=allow"))  # max_steps 7 -> 14: another recipe
     a = _load(tmp_path / "full" / "run" / "checkpoints" / "last.ckpt")
     b = _load(tmp_path / "split" / "run" / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 14
@@ -278,10 +279,10 @@ def test_sigterm_on_the_command_line(standin_root, tmp_path):
     args = [sys.executable, "train.py", "data=standin", f"data.root={standin_root}", "data.batch_size=8",
             "data.num_workers=0", "trainer=cpu", "trainer.max_steps=400", "trainer.num_sanity_val_steps=0",
             "trainer.enable_progress_bar=false", "model=pvt_tiny", f"paths.output_dir={out}",
-            "callbacks.last_checkpoint.every_n_train_steps=1", "callbacks.model_checkpoint=null"]
+            "callbacks.last_checkpoint.every_n_train_steps=1", "callbacks.model_checkpoint=null", "run_name=sigterm"]
     proc = subprocess.Popen(args, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    last = out / "imagenet" / "pvt_tiny-seed0" / "checkpoints" / "last.ckpt"
+    last = out / "imagenet" / "sigterm" / "checkpoints" / "last.ckpt"
     import time
 
     deadline = time.time() + 240
@@ -356,11 +357,11 @@ def test_ddp_sim_smoke(standin_root, tmp_path):
     out = tmp_path / "outputs"
     args = [sys.executable, "train.py", "trainer=ddp_sim", "data=standin", f"data.root={standin_root}",
             "data.batch_size=8", "data.num_workers=0", "trainer.max_steps=3", "trainer.num_sanity_val_steps=0",
-            "trainer.enable_progress_bar=false", "model=pvt_tiny_grc", f"paths.output_dir={out}"]
+            "trainer.enable_progress_bar=false", "model=pvt_tiny_grc", f"paths.output_dir={out}", "run_name=ddp_smoke"]
     proc = subprocess.run(args, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = out / "imagenet" / "pvt_tiny_grc-seed0"
+    run = out / "imagenet" / "ddp_smoke"
     ckpt = _load(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3
     assert "val/acc1" in _columns(run / "csv" / "metrics.csv")

@@ -82,7 +82,7 @@ class DDPProbe(pl.Callback if pl is not None else object):  # type: ignore[misc]
             "train_indices": [int(i) for i in base], "val_indices": val_indices,
             "val_seen": self.val_seen, "val_correct": self.val_correct,
             "logged_acc1": float(trainer.callback_metrics.get("val/acc1", float("nan"))),
-            "saves": list(self.saves), "sampler": type(base).__name__,
+            "saves": list(self.saves), "sampler": type(getattr(base, "base", base)).__name__,  # RunSeededEpochs wraps
         }, out / f"rank{trainer.global_rank}.pt")
 
 

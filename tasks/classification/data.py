@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.common.data import (EpochShuffleSampler, ResumableDataLoader, ResumableDataModuleMixin, SeededSampler,
-                               ShardSampler)
+from tasks.common.data import (EpochShuffleSampler, ResumableDataLoader, ResumableDataModuleMixin, RunSeededEpochs,
+                               SeededSampler, ShardSampler)
 from tasks.common.errors import DataError
 from tasks.common.seeding import seeded
 
@@ -175,7 +175,8 @@ class ImageNetDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
     """ImageNet (or the stand-in) with the DeiT/PVT recipe. ``batch_size`` is per device.
 
     Training order: single process, a (seed, epoch) permutation; several processes, timm's
-    ``RepeatAugSampler`` (``repeated_aug``, ``num_repeats`` copies of each image spread over ranks) or a
+    ``RepeatAugSampler`` (``repeated_aug``, ``num_repeats`` copies of each image spread over ranks; its
+    order drawn from (seed, epoch) through :class:`RunSeededEpochs`) or a
     ``DistributedSampler``. Validation is sharded without padding, so metrics are exact under DDP.
     """
 
@@ -255,7 +256,8 @@ class ImageNetDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
         dataset = ImageFolderSplit(self.train_samples, self.train_tf, self.on_corrupt, substitute=True)
         if world > 1 and self.repeated_aug and self.num_repeats > 1:
             from timm.data.distributed_sampler import RepeatAugSampler
-            base = RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=True, num_repeats=self.num_repeats)
+            base = RunSeededEpochs(RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                    num_repeats=self.num_repeats), seed=self.seed)
         elif world > 1:
             base = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                        seed=self.seed, drop_last=True)

@@ -3,12 +3,15 @@
 ``errors`` user-facing errors; ``seeding`` deterministic randomness; ``data`` resumable samplers and
 loader; ``optim`` parameter groups, lr scaling, schedules; ``module`` the base LightningModule;
 ``ema`` EMA with cache copying; ``callbacks`` last.ckpt owner and GRC logging; ``models`` timm model
-factory; ``runner`` train/evaluate; ``cli`` command-line guards.
+factory; ``runner`` train/evaluate; ``cli`` command-line guards; ``rundir`` run directory names and
+keeping earlier runs; ``fingerprint`` the recipe and the refusal to resume across recipes; ``perf``
+throughput, ETA and GPU memory.
 
-Importing this package only registers two OmegaConf resolvers, kept light on purpose:
+Importing this package only registers three OmegaConf resolvers, kept light on purpose:
 ``${ct_or:a,b}`` = a, or b when a is empty; ``${ct_job_dir:override_dirname,job_num}`` = the sweep
 job's directory name: the override string with ``/`` replaced by ``_`` (``experiment=paper/...`` must
-not nest directories), or ``job<num>`` when it is empty or too long for a file name (255 bytes).
+not nest directories), or ``job<num>`` when it is empty or too long for a file name (255 bytes);
+``${ct_run_dir:run_name,model_name,seed,overrides}`` = a single run's directory name (``rundir``).
 """
 from omegaconf import OmegaConf
 
@@ -27,3 +30,7 @@ if not OmegaConf.has_resolver("ct_or"):
     OmegaConf.register_new_resolver("ct_or", lambda a, b: a if a not in (None, "") else b)
 if not OmegaConf.has_resolver("ct_job_dir"):
     OmegaConf.register_new_resolver("ct_job_dir", job_dirname)
+
+from .rundir import register_resolver as _register_run_dir  # noqa: E402
+
+_register_run_dir()

@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import ConfigError, UserError, user_message
 
-CONFIG_GROUPS = ("task", "model", "data", "grc", "trainer", "logger", "callbacks", "paths", "experiment")
+CONFIG_GROUPS = ("task", "model", "data", "grc", "trainer", "logger", "callbacks", "paths", "experiment", "debug")
 
 
 def available_choices(config_dir: str | Path, group: str) -> list[str]:

@@ -4,8 +4,9 @@ Lightning saves ``state_dict()`` of every training DataLoader that has one in th
 (``loops.fit_loop.state_dict.combined_loader``) and calls ``load_state_dict`` before iterating again,
 which is how a run resumes in the middle of an epoch:
 
-* :class:`EpochShuffleSampler` / :class:`ShardSampler` / timm's ``RepeatAugSampler`` /
-  ``DistributedSampler`` decide the order of one epoch from (seed, epoch) only;
+* :class:`EpochShuffleSampler` / :class:`ShardSampler` / timm's ``RepeatAugSampler`` (wrapped in
+  :class:`RunSeededEpochs`, which gives it the run seed) / ``DistributedSampler`` decide the order of
+  one epoch from (seed, epoch) only;
 * :class:`SeededSampler` wraps any of them, yields ``(index, sample_seed)`` pairs (the dataset
   transforms each sample under its own seed, see :mod:`tasks.common.seeding`) and can skip the
   samples already consumed in the epoch;
@@ -51,6 +52,27 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+class RunSeededEpochs(Sampler[int]):
+    """Give a sampler that seeds its order with the epoch alone (timm's ``RepeatAugSampler`` draws its
+    permutation from ``manual_seed(epoch)``) a seed drawn from (run seed, epoch) instead, so runs with
+    different ``seed`` see different orders and the same seed the same order (also after a resume).
+    """
+
+    def __init__(self, base: Sampler[int], seed: int = 0):
+        self.base, self.seed = base, int(seed)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.base.set_epoch(derive_seed(self.seed, "order", self.epoch))  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
 
 
 class ShardSampler(Sampler[int]):
@@ -99,6 +121,9 @@ class SeededSampler(Sampler[tuple]):
 class ResumableDataLoader(DataLoader):
     """A DataLoader over a :class:`SeededSampler` whose position in the epoch survives a checkpoint.
 
+    Any other sampler is wrapped in a ``SeededSampler(sampler, seed=0)`` (Lightning rebuilds the loader
+    with a ``SequentialSampler`` for ``trainer.overfit_batches``).
+
     ``state_dict() -> {"epoch", "batches", "num_batches"}``; ``load_state_dict`` makes the next
     iteration start after the saved number of batches of the saved epoch (a saved position at the
     end of an epoch starts the next epoch from the beginning). The iteration is lazy, so the sampler
@@ -107,7 +132,8 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, dataset: Any, *, sampler: SeededSampler, batch_size: int, **kwargs: Any):
         if not isinstance(sampler, SeededSampler):
-            raise TypeError("ResumableDataLoader needs a SeededSampler.")
+            # Lightning swaps in a SequentialSampler for trainer.overfit_batches (debug=overfit): seed it too
+            sampler = SeededSampler(sampler, seed=0)
         super().__init__(dataset, sampler=sampler, batch_size=batch_size, **kwargs)
         self._consumed = 0
         self._resume_at = 0

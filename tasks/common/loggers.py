@@ -3,7 +3,8 @@
 Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` when it starts, so a run resumed with
 ``ckpt_path=last`` would lose everything logged before the interruption. :class:`ResumableCSVLogger`
 keeps the rows logged before the checkpoint's step, drops the rows of steps that are being redone
-(logged after the checkpoint was written), and starts a fresh file for a fresh run.
+(logged after the checkpoint was written), and starts a fresh file for a fresh run after renaming an
+existing one to ``metrics.<n>.csv`` (the first free n): a log is never deleted.
 """
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ class _KeepingWriter(ExperimentWriter):
         path = self.metrics_file_path
         if not os.path.isfile(path):
             return
-        if self._keep_before_step is None:  # a fresh run in a used directory starts a fresh file
-            os.remove(path)
+        if self._keep_before_step is None:  # a fresh run in a used directory: keep the old file as metrics.<n>.csv
+            n = 1
+            while os.path.exists(os.path.join(os.path.dirname(path), f"metrics.{n}.csv")):
+                n += 1
+            os.replace(path, os.path.join(os.path.dirname(path), f"metrics.{n}.csv"))
             return
         with open(path, newline="") as f:
             reader = csv.DictReader(f)

@@ -8,7 +8,8 @@
 * per-step seeding (:mod:`tasks.common.seeding`), so resumed runs draw the same random numbers;
 * the non-finite loss guard (all ranks agree, then stop with a clear message) and a refusal to save a
   checkpoint whose weights are not finite, so the last good checkpoint survives;
-* checkpoint extras: global RNG states and the EMA weights (the GRC caches are buffers of the model
+* checkpoint extras: global RNG states, the recipe fingerprint (:mod:`tasks.common.fingerprint`) and
+  the EMA weights (the GRC caches are buffers of the model
   and are in ``state_dict`` already);
 * optional EMA (:class:`tasks.common.ema.CacheCopyingEMA`);
 * optional ``torch.compile`` of the model (``compile.enabled``), in place so checkpoints keep their keys.
@@ -27,6 +28,7 @@ from hydra.utils import instantiate
 
 from .ema import CacheCopyingEMA
 from .errors import ConfigError, NonFiniteLossError
+from .fingerprint import RECIPE_KEY, recipe_record
 from .optim import param_groups, scaled_lr
 from .seeding import collect_rng_states, derive_seed, restore_rng_states, seed_globals
 
@@ -162,6 +164,7 @@ class TaskModule(pl.LightningModule):
                     f"{self.global_step}; the previous checkpoint is kept. Resume from it with ckpt_path=last "
                     f"and a lower task.optimizer.lr or trainer.gradient_clip_val.")
         checkpoint["rng_states"] = collect_rng_states()
+        checkpoint[RECIPE_KEY] = recipe_record(self.cfg)  # refuses resuming across recipes (fingerprint.py)
         if self._ema is not None:
             checkpoint["ema_state_dict"] = self._ema.state_dict()
 

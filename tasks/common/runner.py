@@ -1,6 +1,6 @@
 """What ``train.py`` and ``eval.py`` do, as functions of the composed config (testable in-process).
 
-Run directory contract (docs/architecture.md): ``outputs/<task.name>/<run_name>/`` holds
+Run directory contract (docs/architecture.md): ``outputs/<task.name>/<run dir name>/`` (``rundir``) holds
 ``.hydra/config.yaml`` (the resolved config, rewritten here), ``csv/metrics.csv`` and
 ``checkpoints/{last,best}.ckpt``. No timestamps: rerunning the same command with ``ckpt_path=last``
 resumes. Multirun jobs use ``multirun/<sweep_name>/<override_dirname or job number>/``.
@@ -28,7 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import LastCheckpoint
 from .errors import ConfigError, UserError
+from .fingerprint import check_resume, load_checkpoint_meta
 from .loggers import ResumableCSVLogger
+from .rundir import archive_previous_run
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,8 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     except Exception:  # ${hydra:...} outside a Hydra app
         value = None
     if not value:
-        value = Path(str(cfg.paths.output_dir)) / str(cfg.task.name) / str(cfg.run_name)
+        prefix = str(cfg.paths.get("run_prefix") or "")
+        value = Path(str(cfg.paths.output_dir)) / f"{prefix}{cfg.task.name}" / str(cfg.run_name)
     return Path(str(value)).expanduser().resolve()
 
 
@@ -145,18 +148,35 @@ def resolve_ckpt_path(value: Any, run_dir: Path) -> str | None:
 
 def checkpoint_step(path: str) -> int:
     """``global_step`` of a checkpoint (memory-mapped, so large files are not read)."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
-    except Exception as exc:
-        raise UserError(f"Checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); pass another ckpt_path "
-                        f"or delete it to start from scratch.") from exc
+    return int(load_checkpoint_meta(path).get("global_step", 0))
+
+
+def prepare_resume(cfg: DictConfig, ckpt: str | None, run_dir: Path) -> int | None:
+    """The step training resumes at (None: fresh). A checkpoint of another recipe is refused
+    (``resume_mismatch``); a fresh start moves an earlier run's files in ``run_dir`` aside."""
+    if _is_ddp_child():
+        return checkpoint_step(ckpt) if ckpt else None
+    if ckpt is None:
+        if rank_zero_only.rank == 0:
+            archive_previous_run(run_dir)
+        return None
+    meta = load_checkpoint_meta(ckpt)
+    diffs = check_resume(ckpt, meta, cfg, cfg.get("resume_mismatch"))
+    if diffs:
+        log.warning("Resuming %s although its recipe differs (resume_mismatch=allow): %s", ckpt, "; ".join(diffs))
+    return int(meta.get("global_step", 0))
 
 
 # ---------------------------------------------------------------------- loggers, callbacks, trainer
 def wandb_run_id(cfg: DictConfig) -> str:
-    """A deterministic wandb id, so a resumed run continues the same wandb run."""
-    raw = f"{cfg.task.name}-{cfg.run_name}"
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in raw)[:128]
+    """A deterministic wandb id from the run directory, so a resumed run continues the same wandb run
+    and runs in different directories (different recipes) never share one."""
+    import hashlib
+
+    run_dir = str(cfg.paths.get("run_dir") or cfg.run_name)
+    digest = hashlib.sha256(run_dir.encode()).hexdigest()[:8]
+    raw = f"{cfg.task.name}-{Path(run_dir).name}"
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in raw)[:110] + "-" + digest
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
@@ -238,12 +258,20 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
     return "32-true"
 
 
+def _stdout_is_terminal() -> bool:
+    import sys
+
+    return bool(getattr(sys.stdout, "isatty", lambda: False)())
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list[Logger] | bool,
                   callbacks: list[pl.Callback], **overrides: Any) -> pl.Trainer:
     tcfg: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     tcfg.update(overrides)
     strategy = build_strategy(tcfg)
     tcfg["precision"] = resolve_precision(tcfg.get("precision", "auto"), str(tcfg.get("accelerator", "auto")))
+    if tcfg.get("enable_progress_bar", True) and not _stdout_is_terminal():
+        tcfg["enable_progress_bar"] = False  # SLURM log files: PerfMonitor prints plain periodic lines instead
     plugins = list(tcfg.pop("plugins", None) or [])
     slurm = cfg.get("slurm") or {}
     if SLURMEnvironment.detect():
@@ -276,14 +304,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     cfg = finalize_config(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(cfg, run_dir)
+    if cfg.get("print_config", True) and rank_zero_only.rank == 0 and not _is_ddp_child():
+        log.info("Resolved config (saved to %s):\n%s", run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_float32_matmul_precision(str(cfg.get("matmul_precision") or "high"))
 
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    resume_step = prepare_resume(cfg, ckpt, run_dir)  # before the (slow) data scan: a refusal comes at once
     builder = get_method(str(cfg.task.builder))
     module, datamodule = builder(cfg)
-    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     loggers = build_loggers(cfg, run_dir)
-    resume_step = checkpoint_step(ckpt) if ckpt else None
     for logger in loggers:
         if isinstance(logger, ResumableCSVLogger):
             logger.resume_step = resume_step
@@ -325,14 +355,57 @@ def _eval_dir(cfg: DictConfig, ckpt: Path) -> Path:
         return Path(str(cfg.eval_dir)).expanduser().resolve()
     if ckpt.parent.name == "checkpoints":
         return ckpt.parent.parent / "eval" / ckpt.stem
+    if (ckpt.parent / ".hydra").is_dir():  # hpc_ckpt_<n>.ckpt in the run directory
+        return ckpt.parent / "eval" / ckpt.stem
     return Path(str(cfg.paths.output_dir)).resolve() / "eval" / ckpt.stem
 
 
-def evaluate(cfg: DictConfig, cli_overrides: list[str] | None = None) -> dict[str, Any]:
-    """Evaluate ``ckpt_path`` on the validation split; logs ``val/*`` to ``<eval_dir>/csv/metrics.csv``.
+RESTORED_SECTIONS = ("task", "model", "grc", "data")
 
-    The model (``model``, ``grc``, ``data.num_classes``, ``data.img_size``) comes from the config stored
-    in the checkpoint unless given on the command line; the data location comes from this config.
+
+def restore_run_config(cfg: DictConfig, stored: dict[str, Any] | None, overrides: list[str]) -> DictConfig:
+    """``cfg`` with the sections :data:`RESTORED_SECTIONS` taken from the checkpoint's stored config.
+
+    A section chosen on the command line as a group (``task=...``, ``model=...``; ``experiment=...``
+    chooses them all) stays as composed; otherwise the stored section is used and the command line's
+    keys inside it (``data.root=...``, ``data.batch_size=...``) are applied on top.
+    """
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    if not stored:
+        return cfg
+    composed = cfg.copy()
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    groups = {k for k in keys if "." not in k}
+    if "experiment" in groups:
+        return cfg
+    for section in RESTORED_SECTIONS:
+        if section in groups or stored.get(section) is None:
+            continue
+        cfg[section] = stored[section]
+        for key in keys:
+            if key.startswith(section + "."):
+                OmegaConf.update(cfg, key, OmegaConf.select(composed, key), force_add=True)
+    return cfg
+
+
+def has_test_split(module: pl.LightningModule, datamodule: pl.LightningDataModule) -> bool:
+    """The task defines a test split: its data module overrides ``test_dataloader`` and its module ``test_step``."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return (is_overridden("test_dataloader", datamodule, pl.LightningDataModule)
+            and is_overridden("test_step", module, pl.LightningModule))
+
+
+def evaluate(cfg: DictConfig, cli_overrides: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate ``ckpt_path`` on every split the task defines: ``trainer.validate`` (``val/*``), then
+    ``trainer.test`` (``test/*``) when the task has a test split; logs to ``<eval_dir>/csv/metrics.csv``.
+
+    The task, model, GRC settings and data settings come from the config stored in the checkpoint
+    (:func:`restore_run_config`), so ``eval.py ckpt_path=...`` needs no other argument when the data is
+    where training found it. ``trainer.devices=N`` evaluates with N processes: each evaluates its own
+    unpadded shard (the tasks' loaders, :class:`tasks.common.data.ShardSampler`) and the metrics are
+    reduced over processes, so every sample counts exactly once.
     """
     single_log_stream()
     if not cfg.get("ckpt_path"):
@@ -344,17 +417,7 @@ def evaluate(cfg: DictConfig, cli_overrides: list[str] | None = None) -> dict[st
     if "state_dict" not in checkpoint:
         raise UserError(f"{ckpt_file} is not a Lightning checkpoint of this project (it has no state_dict).")
     stored = (checkpoint.get("hyper_parameters") or {}).get("cfg")
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    given = {o.split("=", 1)[0].lstrip("+~").split(".")[0] for o in (cli_overrides or [])}
-    if stored:
-        if "model" not in given and "experiment" not in given:
-            cfg.model = stored["model"]
-        if "grc" not in given and "experiment" not in given:
-            cfg.grc = stored.get("grc")
-        for key in ("num_classes", "img_size", "max_length"):  # shape-defining data settings
-            if not any(o.startswith(f"data.{key}=") for o in (cli_overrides or [])) and key in stored.get("data", {}):
-                cfg.data[key] = stored["data"][key]
+    cfg = restore_run_config(cfg, stored, list(cli_overrides or []))
 
     if cfg.get("model") is not None and cfg.model.get("pretrained") is not None:
         cfg.model.pretrained = None  # the evaluated checkpoint's weights replace the run's start weights
@@ -372,13 +435,25 @@ def evaluate(cfg: DictConfig, cli_overrides: list[str] | None = None) -> dict[st
         first = str(exc).splitlines()[0:3]
         raise UserError(f"{ckpt_file} does not match model '{cfg.model.name}' with this config "
                         f"({' '.join(s.strip() for s in first)}); pass the model it was trained with, e.g. model=...") from exc
+    del checkpoint, state
 
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, eval_dir / "config.yaml")
-    loggers = [ResumableCSVLogger(save_dir=str(eval_dir), name="csv", version="")]  # fresh file per evaluation
-    trainer = build_trainer(cfg, eval_dir, loggers, [], devices=1, num_nodes=1, strategy="auto")
+    rank0 = rank_zero_only.rank == 0 and not _is_ddp_child()
+    if rank0:
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, eval_dir / "config.yaml")
+    # an earlier evaluation's file becomes metrics.<n>.csv
+    loggers = [ResumableCSVLogger(save_dir=str(eval_dir), name="csv", version="")]
+    trainer = build_trainer(cfg, eval_dir, loggers, [])
     trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = {k: v for k, v in _final_metrics(trainer).items() if k.startswith("val")}
-    result = {"metrics": metrics, "ckpt_path": str(ckpt_file), "eval_dir": str(eval_dir), "ema": use_ema}
-    (eval_dir / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    metrics = _final_metrics(trainer)
+    splits = ["val"]
+    if has_test_split(module, datamodule):
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        metrics.update(_final_metrics(trainer))
+        splits.append("test")
+    metrics = {k: v for k, v in metrics.items() if k.split("/")[0] in splits}
+    result = {"metrics": metrics, "ckpt_path": str(ckpt_file), "eval_dir": str(eval_dir), "ema": use_ema,
+              "splits": splits, "world_size": trainer.world_size}
+    if trainer.is_global_zero:
+        (eval_dir / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     return result

@@ -28,7 +28,8 @@ from .tables import Column, PaperTable, get_table, norm
 
 HEADLINE_METRICS = ("val/acc1", "val/acc5", "val/acc", "test/acc", "test/acc1", "test/bleu", "val/loss")
 # config keys that legitimately differ between the seeds of one group (names, paths, loggers)
-_IGNORED_TOP_KEYS = {"seed", "run_name", "name", "paths", "logger", "hydra", "ckpt_path", "sweep_name"}
+_IGNORED_TOP_KEYS = {"seed", "run_name", "name", "paths", "logger", "hydra", "ckpt_path", "sweep_name",
+                     "resume_mismatch", "print_config"}
 _IGNORED_SUFFIXES = ("dir", "dirpath", "_path", "root", "save_dir")
 
 
