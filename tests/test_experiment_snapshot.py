@@ -40,7 +40,8 @@ def resolved_experiment(name: str) -> dict:
     from omegaconf import OmegaConf
 
     cfg = compose_config([f"experiment={name}", *FIXED_OVERRIDES])
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    OmegaConf.resolve(cfg)  # an interpolation of a ??? value becomes ??? itself
+    return OmegaConf.to_container(cfg, throw_on_missing=False)
 
 
 def dump(config: dict) -> str:
