@@ -411,4 +411,5 @@ def test_demo_trains_both_models_for_every_seed(tmp_path, capsys):
     assert sorted((m, s) for m, s, _ in runs) == [("pvt_tiny", "0"), ("pvt_tiny", "1"), ("pvt_tiny_grc", "0"),
                                                  ("pvt_tiny_grc", "1")]
     dirs = {d for _, _, d in runs}
-    assert len(dirs) == 4 and all((Path(d) / "csv" / "metrics.csv").is_file() for d in dirs)  # no run overwrites another
+    # one run directory per model and seed: no run overwrites another
+    assert len(dirs) == 4 and all((Path(d) / "csv" / "metrics.csv").is_file() for d in dirs)

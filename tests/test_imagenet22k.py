@@ -27,8 +27,8 @@ def make_folder(root: Path, per_class: int = 6, val_per_class: int = 0, size: in
 
 
 def module(root: Path, **kw) -> ImageNet22kDataModule:
-    return ImageNet22kDataModule(str(root), img_size=16, batch_size=4, num_workers=0, num_classes=kw.pop("num_classes", None),
-                                 **kw)
+    return ImageNet22kDataModule(str(root), img_size=16, batch_size=4, num_workers=0,
+                                 num_classes=kw.pop("num_classes", None), **kw)
 
 
 def test_classes_come_from_the_folder_and_validation_is_held_out(tmp_path):
@@ -60,7 +60,8 @@ def test_val_folder_is_used_when_present(tmp_path):
 
 
 def test_errors_name_the_folder(tmp_path):
-    with pytest.raises(DataError, match=rf"'{tmp_path / 'nowhere'}' does not exist; pass data.root=/path/to/imagenet22k"):
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=rf"'{nowhere}' does not exist; pass data.root=/path/to/imagenet22k"):
         module(tmp_path / "nowhere").check()
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=rf"'{tmp_path / 'empty'}' is not an ImageNet-style folder: it has no train/"):

@@ -158,12 +158,14 @@ def test_table8_experiments_compose_to_swins_two_stage_recipe() -> None:
     from conftest import compose_config
 
     table = get_table(8)
-    for variant, model in (("baseline", "swin_tiny_patch4_window7_224"), ("cached", "swin_tiny_patch4_window7_224_grc")):
+    swin = "swin_tiny_patch4_window7_224"
+    for variant, model in (("baseline", swin), ("cached", f"{swin}_grc")):
         pre = compose_config([f"experiment=pretrain/in22k_swin_t_{variant}", "paths.run_dir=unused"])
         assert pre.task.name == "imagenet22k" and pre.model.name == model and pre.data.num_classes is None
         assert pre.trainer.max_epochs == 90 and pre.task.scheduler.warmup_epochs == 5
         total = pre.data.batch_size * pre.trainer.devices * pre.trainer.num_nodes * pre.trainer.accumulate_grad_batches
-        assert total == 4096 and pre.task.optimizer.lr * total / pre.task.lr_scaling.base_batch_size == pytest.approx(1e-3)
+        assert total == 4096
+        assert pre.task.optimizer.lr * total / pre.task.lr_scaling.base_batch_size == pytest.approx(1e-3)
 
         ft = compose_config([f"experiment=paper/table8_swin_t_{variant}", "paths.run_dir=unused",
                              f"in22k_checkpoints.{variant}=/ckpt/{variant}.ckpt"])
@@ -175,7 +177,8 @@ def test_table8_experiments_compose_to_swins_two_stage_recipe() -> None:
         assert ft.paper.pretrain.experiment == f"pretrain/in22k_swin_t_{variant}"
         row = table.row(ft.paper.row)
         assert row is not None and row.key == "swin_tiny_22k"
-        assert dict(ft.paper.metrics) == {"val/acc1": row.values[variant]["top1"], "val/acc5": row.values[variant]["top5"]}
+        paper = row.values[variant]
+        assert dict(ft.paper.metrics) == {"val/acc1": paper["top1"], "val/acc5": paper["top5"]}
 
 
 def test_table8_fine_tuning_without_its_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
