@@ -27,7 +27,7 @@ def make_folder(root: Path, per_class: int = 6, val_per_class: int = 0, size: in
 
 
 def module(root: Path, **kw) -> ImageNet22kDataModule:
-    return ImageNet22kDataModule(str(root), img_size=16, batch_size=4, num_workers=0,
+    return ImageNet22kDataModule(str(root), img_size=16, batch_size=4, num_workers=kw.pop("num_workers", 0),
                                  num_classes=kw.pop("num_classes", None), **kw)
 
 
@@ -50,7 +50,7 @@ def test_classes_come_from_the_folder_and_validation_is_held_out(tmp_path):
 
 def test_val_folder_is_used_when_present(tmp_path):
     root = make_folder(tmp_path / "in22k", per_class=3, val_per_class=1)
-    dm = module(root, num_classes=len(WNIDS))
+    dm = module(root, num_classes=len(WNIDS), num_workers=1)  # the packed samples reach a worker process
     dm.check("fit")
     assert len(dm.train_samples) == 3 * len(WNIDS) and len(dm.val_samples) == len(WNIDS)
     assert all("/val/" in p for p, _ in dm.val_samples)
