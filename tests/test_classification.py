@@ -397,19 +397,20 @@ def test_demo_summary_states_whether_the_difference_is_within_the_spread():
 
 
 def test_demo_trains_both_models_for_every_seed(tmp_path, capsys):
+    """One train.py sweep: both models for every seed, each in its own run directory, then the summary."""
     from tasks.classification.demo import main
 
     rc = main(["--seeds", "0,1", "--epochs", "1", "--data", str(tmp_path / "standin"), "data.batch_size=8",
                "data.num_workers=0", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
-               f"paths.output_dir={tmp_path}/outputs"])
+               f"paths.multirun_dir={tmp_path}/multirun"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert out.count("=== baseline, seed") == 2 and out.count("=== cached, seed") == 2
     assert "(mean +- std over 2 seeds)" in out and "seed-to-seed spread" in out
     rows = [line.split() for line in out.splitlines() if line.startswith(("baseline   pvt", "cached     pvt"))]
     runs = [(r[1], r[2], r[-1]) for r in rows if len(r) == 7]  # model, seed, run dir
-    assert sorted((m, s) for m, s, _ in runs) == [("pvt_tiny", "0"), ("pvt_tiny", "1"), ("pvt_tiny_grc", "0"),
-                                                 ("pvt_tiny_grc", "1")]
-    dirs = {d for _, _, d in runs}
+    assert [(m, s) for m, s, _ in runs] == [("pvt_tiny", "0"), ("pvt_tiny_grc", "0"), ("pvt_tiny", "1"),
+                                          ("pvt_tiny_grc", "1")]  # baseline and cached alternate
     # one run directory per model and seed: no run overwrites another
+    dirs = {d for _, _, d in runs}
     assert len(dirs) == 4 and all((Path(d) / "csv" / "metrics.csv").is_file() for d in dirs)
+    assert all(Path(d).parent == tmp_path / "multirun" / "demo" for d in dirs)

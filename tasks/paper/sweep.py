@@ -239,7 +239,8 @@ def _stage_experiments(tid: int, chosen: list[Experiment], stage: str, overrides
     if missing:
         given = " ".join(f"{k}=PATH" for k in missing)
         raise SweepError(f"Table {tid} fine-tunes pre-trained checkpoints: pass {given} (each the "
-                         f"checkpoints/last.ckpt of its pre-training run, from `python scripts/sweep.py --table {tid} --stage pretrain`).")
+                         f"checkpoints/last.ckpt of its pre-training run, from "
+                         f"`python scripts/sweep.py --table {tid} --stage pretrain`).")
     return [e.name for e in chosen]
 
 
