@@ -4,6 +4,8 @@
     python scripts/sweep.py --table 1 --seeds 0,1,2                       # SLURM, 8 GPUs per job
     python scripts/sweep.py --table 6 --launcher slurm_1gpu --dry-run    # print the command only
     python scripts/sweep.py --table 1 --rows pvt_tiny --launcher local trainer=cpu data=standin
+    python scripts/sweep.py --table 8 --stage pretrain data.root=/data/imagenet22k    # then fine-tune:
+    python scripts/sweep.py --table 8 in22k_checkpoints.baseline=B.ckpt in22k_checkpoints.cached=C.ckpt
 
 Everything after the options is passed to train.py as Hydra overrides. The exact command is printed
 before it runs; jobs write to multirun/table<N>/..., compare them with
@@ -24,7 +26,9 @@ from tasks.paper.sweep import REPO_ROOT, SweepError, build_sweep_command, format
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", required=True, help="paper table number (1, 2, 6, ...)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; 0 with --stage pretrain)")
+    p.add_argument("--stage", default="main", choices=("main", "pretrain"),
+                   help="pretrain: the pre-training runs of a two-stage table (Table 8) instead of its rows")
     p.add_argument("--launcher", default=None,
                    help="hydra/launcher choice: slurm_1gpu, slurm_8gpu, slurm_multinode, submitit_local, local "
                         "(default: slurm_8gpu for ImageNet/COCO tables, slurm_1gpu otherwise)")
@@ -37,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = build_sweep_command(
             args.table, seeds=args.seeds, launcher=args.launcher, overrides=args.overrides,
             rows=args.rows.split(",") if args.rows else None,
-            variants=args.variants.split(",") if args.variants else None)
+            variants=args.variants.split(",") if args.variants else None, stage=args.stage)
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

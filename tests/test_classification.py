@@ -366,3 +366,52 @@ def test_ddp_sim_smoke(standin_root, tmp_path):
     assert ckpt["global_step"] == 3
     assert "val/acc1" in _columns(run / "csv" / "metrics.csv")
     assert not list(run.glob("**/config.yaml"))[1:]  # the child process wrote no second config
+
+
+# ---------------------------------------------------------------------- make demo: several seeds, mean +- std, verdict
+def test_demo_summary_states_whether_the_difference_is_within_the_spread():
+    import math
+
+    from tasks.classification.demo import compare, mean_std, summary
+
+    mean, std = mean_std([53.0, 44.0, 10.0])
+    assert mean == pytest.approx(35.6667, abs=1e-3) and std == pytest.approx(22.679, abs=1e-3)  # sample std (n - 1)
+    assert math.isnan(mean_std([47.0])[1])
+    noisy = compare([53.0, 44.0, 10.0], [47.0, 53.0, 50.0])
+    assert noisy.within is True and noisy.diff == pytest.approx(14.333, abs=1e-3)
+    assert noisy.stderr == pytest.approx(math.sqrt(22.679 ** 2 / 3 + 3.0 ** 2 / 3), abs=1e-3)
+    assert "within the seed-to-seed spread" in noisy.sentence and "neither model" in noisy.sentence
+    clear = compare([40.0, 41.0, 42.0], [50.0, 51.0, 52.0])
+    assert clear.within is False and "larger than the seed-to-seed spread" in clear.sentence
+    assert "the cached model scored higher" in clear.sentence
+    assert compare([50.0, 51.0, 52.0], [40.0, 41.0, 42.0]).sentence.endswith("the baseline model scored higher.")
+    single = compare([53.0], [47.0])
+    assert single.within is None and "run several seeds" in single.sentence
+    runs = [{"variant": v, "model": m, "seed": s, "metrics": {"val/acc1": a, "val/acc5": 99.0}, "wall_s": 1.0,
+             "run_dir": f"d{s}{v}"}
+            for s, (b, c) in enumerate([(53.0, 47.0), (44.0, 53.0), (10.0, 50.0)])
+            for v, m, a in (("baseline", "pvt_tiny", b), ("cached", "pvt_tiny_grc", c))]
+    text = "\n".join(summary(runs))
+    assert "baseline   pvt_tiny       val/acc1  35.67 +- 22.68  (mean +- std over 3 seeds)" in text
+    assert "cached     pvt_tiny_grc   val/acc1  50.00 +-  3.00  (mean +- std over 3 seeds)" in text
+    assert text.endswith(noisy.sentence)
+
+
+def test_demo_trains_both_models_for_every_seed(tmp_path, capsys):
+    """One train.py sweep: both models for every seed, each in its own run directory, then the summary."""
+    from tasks.classification.demo import main
+
+    rc = main(["--seeds", "0,1", "--epochs", "1", "--data", str(tmp_path / "standin"), "data.batch_size=8",
+               "data.num_workers=0", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
+               f"paths.multirun_dir={tmp_path}/multirun"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "(mean +- std over 2 seeds)" in out and "seed-to-seed spread" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("baseline   pvt", "cached     pvt"))]
+    runs = [(r[1], r[2], r[-1]) for r in rows if len(r) == 7]  # model, seed, run dir
+    assert [(m, s) for m, s, _ in runs] == [("pvt_tiny", "0"), ("pvt_tiny_grc", "0"), ("pvt_tiny", "1"),
+                                          ("pvt_tiny_grc", "1")]  # baseline and cached alternate
+    # one run directory per model and seed: no run overwrites another
+    dirs = {d for _, _, d in runs}
+    assert len(dirs) == 4 and all((Path(d) / "csv" / "metrics.csv").is_file() for d in dirs)
+    assert all(Path(d).parent == tmp_path / "multirun" / "demo" for d in dirs)

@@ -148,3 +148,88 @@ def test_table10_experiment_files_compare_against_the_paper(tmp_path: Path) -> N
     assert rows["r1_0"].ours["cached"].mean == 74.0
     md = to_markdown(c)
     assert "r = 0.125" in md and "75.70" in md and "78.50" in md
+
+
+# ---------------------------------------------------------------------- Table 8: IN-22k pre-training, IN-1k fine-tuning
+def test_table8_experiments_compose_to_swins_two_stage_recipe() -> None:
+    """Fine-tuning rows carry the paper's numbers and start from their own variant's pre-training run."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+
+    table = get_table(8)
+    swin = "swin_tiny_patch4_window7_224"
+    for variant, model in (("baseline", swin), ("cached", f"{swin}_grc")):
+        pre = compose_config([f"experiment=pretrain/in22k_swin_t_{variant}", "paths.run_dir=unused"])
+        assert pre.task.name == "imagenet22k" and pre.model.name == model and pre.data.num_classes is None
+        assert pre.trainer.max_epochs == 90 and pre.task.scheduler.warmup_epochs == 5
+        total = pre.data.batch_size * pre.trainer.devices * pre.trainer.num_nodes * pre.trainer.accumulate_grad_batches
+        assert total == 4096
+        assert pre.task.optimizer.lr * total / pre.task.lr_scaling.base_batch_size == pytest.approx(1e-3)
+
+        ft = compose_config([f"experiment=paper/table8_swin_t_{variant}", "paths.run_dir=unused",
+                             f"in22k_checkpoints.{variant}=/ckpt/{variant}.ckpt"])
+        OmegaConf.resolve(ft)
+        assert ft.task.name == "imagenet" and ft.model.name == model and ft.data.num_classes == 1000
+        assert ft.model.pretrained == f"/ckpt/{variant}.ckpt" and ft.run_name == f"table8_swin_t_{variant}-seed0"
+        assert (ft.trainer.max_epochs, ft.data.img_size, ft.task.optimizer.weight_decay) == (30, 224, 1e-8)
+        assert ft.data.batch_size * ft.trainer.devices == 1024
+        assert ft.paper.pretrain.experiment == f"pretrain/in22k_swin_t_{variant}"
+        row = table.row(ft.paper.row)
+        assert row is not None and row.key == "swin_tiny_22k"
+        paper = row.values[variant]
+        assert dict(ft.paper.metrics) == {"val/acc1": paper["top1"], "val/acc5": paper["top5"]}
+
+
+def test_table8_fine_tuning_without_its_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
+    from conftest import compose_config
+    from tasks.common.errors import ConfigError
+    from tasks.common.runner import train
+
+    cfg = compose_config(["experiment=paper/table8_swin_t_cached", f"data.root={tmp_path}", "trainer=cpu",
+                          f"paths.output_dir={tmp_path}/out", f"paths.run_dir={tmp_path}/run"])
+    with pytest.raises(ConfigError, match=r"in22k_checkpoints.cached is not set: pass in22k_checkpoints.cached=PATH, "
+                                          r"the checkpoints/last.ckpt of the run `python train.py "
+                                          r"experiment=pretrain/in22k_swin_t_cached`"):
+        train(cfg)
+
+
+def test_sweep_table8_runs_pretraining_then_fine_tuning() -> None:
+    import subprocess
+
+    def sweep(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "scripts/sweep.py", "--table", "8", "--dry-run", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    pre = sweep("--stage", "pretrain", "data.root=/in22k")
+    assert pre.returncode == 0, pre.stderr
+    assert pre.stdout.split()[1:] == [
+        "train.py", "-m", "experiment=pretrain/in22k_swin_t_baseline,pretrain/in22k_swin_t_cached", "seed=0",
+        "sweep_name=table8_pretrain", "ckpt_path=last", "hydra/launcher=slurm_8gpu", "trainer.devices=8",
+        "trainer.num_nodes=1", "data.root=/in22k"]
+    ft = sweep("in22k_checkpoints.baseline=/b.ckpt", "in22k_checkpoints.cached=/c.ckpt")
+    assert ft.returncode == 0, ft.stderr
+    assert ft.stdout.split()[1:] == [
+        "train.py", "-m", "experiment=paper/table8_swin_t_baseline,paper/table8_swin_t_cached", "seed=0,1,2",
+        "sweep_name=table8", "ckpt_path=last", "hydra/launcher=slurm_8gpu", "trainer.devices=8", "trainer.num_nodes=1",
+        "in22k_checkpoints.baseline=/b.ckpt", "in22k_checkpoints.cached=/c.ckpt"]
+    missing = sweep("in22k_checkpoints.cached=/c.ckpt")
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr.strip() == (
+        "error: Table 8 fine-tunes pre-trained checkpoints: pass in22k_checkpoints.baseline=PATH (each the "
+        "checkpoints/last.ckpt of its pre-training run, from `python scripts/sweep.py --table 8 --stage pretrain`).")
+
+
+def test_table8_experiment_files_compare_against_the_paper(tmp_path: Path) -> None:
+    from conftest import CONFIG_DIR
+
+    runs = []
+    for path, acc in ((CONFIG_DIR / "experiment" / "paper" / "table8_swin_t_baseline.yaml", 80.0),
+                      (CONFIG_DIR / "experiment" / "paper" / "table8_swin_t_cached.yaml", 81.0)):
+        paper = yaml.safe_load(path.read_text())["paper"]
+        runs.append(Run(path=tmp_path / path.stem, config={"seed": 0, "paper": paper},
+                        history={"val/acc1": [acc], "val/acc5": [95.0]}))
+    c = compare_runs(runs, tolerance=10.0)
+    rows = {r.metric: r for r in c.tables[0].rows}
+    assert c.tables[0].table.id == 8 and rows["val/acc1"].row == "swin_tiny_22k"
+    assert rows["val/acc1"].paper_gain == pytest.approx(0.8) and rows["val/acc1"].ours_gain == pytest.approx(1.0)

@@ -33,11 +33,13 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def list_classes(split_dir: Path) -> list[str]:
-    """Sorted class folder names of a split (checks the layout, does not list the images)."""
+def list_classes(split_dir: Path, how_to: str = HOW_TO) -> list[str]:
+    """Sorted class folder names of a split (checks the layout, does not list the images).
+
+    ``how_to`` ends every error message (what to pass instead)."""
     if not split_dir.is_dir():
         raise DataError(f"'{split_dir.parent}' is not an ImageNet-style folder: it has no {split_dir.name}/ "
-                        f"sub-folder; {HOW_TO}.")
+                        f"sub-folder; {how_to}.")
     with os.scandir(split_dir) as it:
         entries = sorted(it, key=lambda e: e.name)
     class_dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
@@ -45,9 +47,9 @@ def list_classes(split_dir: Path) -> list[str]:
     if loose:
         raise DataError(f"{split_dir} holds {len(loose)} images directly instead of one sub-folder per class "
                         f"({split_dir.name}/<wnid>/*.JPEG); sort them into class folders (for ImageNet val, with the "
-                        f"usual valprep.sh script), or {HOW_TO}.")
+                        f"usual valprep.sh script), or {how_to}.")
     if not class_dirs:
-        raise DataError(f"{split_dir} has no class sub-folders; {HOW_TO}.")
+        raise DataError(f"{split_dir} has no class sub-folders; {how_to}.")
     return class_dirs
 
 
@@ -92,7 +94,8 @@ class ImageFolderSplit(Dataset):
                  substitute: bool = True):
         if on_corrupt not in ("fail", "skip"):
             raise DataError(f"data.on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}.")
-        self.samples, self.transform = list(samples), transform
+        self.samples = samples if isinstance(samples, Sequence) else list(samples)  # lists, or packed arrays
+        self.transform = transform
         self.on_corrupt, self.substitute = on_corrupt, substitute
         self._warned: set[str] = set()
 
@@ -202,6 +205,17 @@ class ImageNetDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
         self.class_to_idx: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ checks
+    how_to = HOW_TO  # the end of every data error: what to pass instead
+
+    def check_root(self) -> None:
+        """``data.root`` is given and is a folder (raises :class:`DataError` saying what to do)."""
+        if self.root is None or str(self.root) in ("", "None", "???"):
+            raise DataError(f"No dataset given: {self.how_to}.")
+        if not self.root.exists():
+            raise DataError(f"The dataset root '{self.root}' does not exist; {self.how_to}.")
+        if not self.root.is_dir():
+            raise DataError(f"The dataset root '{self.root}' is not a folder; {self.how_to}.")
+
     def check(self, stage: str = "fit") -> None:
         """Validate the layout and scan the splits ``stage`` needs (raises :class:`DataError` saying what to do).
 
@@ -209,12 +223,7 @@ class ImageNetDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
         """
         if self.val_samples is not None and (self.train_samples is not None or stage != "fit"):
             return
-        if self.root is None or str(self.root) in ("", "None", "???"):
-            raise DataError(f"No dataset given: {HOW_TO}.")
-        if not self.root.exists():
-            raise DataError(f"The dataset root '{self.root}' does not exist; {HOW_TO}.")
-        if not self.root.is_dir():
-            raise DataError(f"The dataset root '{self.root}' is not a folder; {HOW_TO}.")
+        self.check_root()
         if self.class_to_idx is None:
             classes = list_classes(self.root / "train")
             list_classes(self.root / "val")  # layout first, counts after

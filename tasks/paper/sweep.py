@@ -12,6 +12,10 @@ The command is::
   ``python scripts/compare.py multirun/table<N>`` reads them all.
 * ``ckpt_path=last``: a requeued (or re-launched) job resumes from its newest checkpoint and a new one
   starts from scratch (the framework treats a missing checkpoint as a fresh start).
+* Two-stage tables (Table 8: ImageNet-22k pre-training, then ImageNet-1k fine-tuning): a fine-tuning file's
+  ``paper.pretrain: {experiment, checkpoint_key}`` names its pre-training experiment and the key that takes
+  that run's checkpoint. ``stage="pretrain"`` sweeps the pre-training experiments (``sweep_name=table<N>_pretrain``,
+  seed 0 by default); the default stage sweeps the fine-tuning rows and needs every ``checkpoint_key=PATH``.
 * ``trainer.devices`` / ``trainer.num_nodes``: taken from the launcher's ``gpus_per_node`` / ``nodes``
   (or your ``hydra.launcher.*`` overrides), because Lightning requires devices == --ntasks-per-node
   and num_nodes == --nodes under SLURM. Not added for local launchers or when you pass them.
@@ -51,6 +55,8 @@ class Experiment:
     row: str
     variant: str
     path: Path
+    pretrain: str | None = None         # the pre-training experiment this row fine-tunes (paper.pretrain.experiment)
+    checkpoint_key: str | None = None   # the key that takes that run's checkpoint (paper.pretrain.checkpoint_key)
 
 
 def _experiment_from_file(path: Path, group_dir: Path) -> Experiment | None:
@@ -73,7 +79,10 @@ def _experiment_from_file(path: Path, group_dir: Path) -> Experiment | None:
         variant = str(paper.get("variant", variant))
     if table is None or row is None or variant is None:
         return None
-    return Experiment(name=name, table=table, row=row, variant=variant, path=path)
+    pretrain = paper.get("pretrain") if isinstance(paper, dict) else None
+    pretrain = pretrain if isinstance(pretrain, dict) else {}
+    return Experiment(name=name, table=table, row=row, variant=variant, path=path,
+                      pretrain=pretrain.get("experiment"), checkpoint_key=pretrain.get("checkpoint_key"))
 
 
 def paper_experiments(config_dir: str | Path = CONFIG_DIR) -> dict[int, list[Experiment]]:
@@ -149,15 +158,19 @@ def launcher_resources(launcher: str, overrides: Sequence[str] = (), config_dir:
         raise SweepError(f"Launcher {launcher!r} has gpus_per_node={gpus!r}, nodes={nodes!r}: pass numbers.") from None
 
 
-def build_sweep_command(table: str | int, seeds: Sequence[int] | str = (0, 1, 2), launcher: str | None = None,
+def build_sweep_command(table: str | int, seeds: Sequence[int] | str | None = None, launcher: str | None = None,
                         overrides: Sequence[str] = (), rows: Sequence[str] | None = None,
                         variants: Sequence[str] | None = None, python: str = sys.executable,
-                        config_dir: str | Path = CONFIG_DIR, train_script: str = "train.py") -> list[str]:
+                        config_dir: str | Path = CONFIG_DIR, train_script: str = "train.py",
+                        stage: str = "main") -> list[str]:
     """The ``train.py -m`` command (argv list) that runs a paper table as one sweep.
 
-    Raises :class:`SweepError` for a table without experiment files (listing those that have them),
-    unknown rows/variants, or an unknown launcher.
+    ``stage="pretrain"`` runs the pre-training experiments of the chosen rows instead (seeds default to 0;
+    otherwise 0, 1, 2). Raises :class:`SweepError` for a table without experiment files (listing those that
+    have them), unknown rows/variants, an unknown launcher, or fine-tuning rows without their checkpoints.
     """
+    if stage not in ("main", "pretrain"):
+        raise SweepError(f"--stage must be 'main' or 'pretrain', got {stage!r}.")
     tid = _parse_table(table)
     experiments = paper_experiments(config_dir)
     if tid not in experiments:
@@ -184,6 +197,8 @@ def build_sweep_command(table: str | int, seeds: Sequence[int] | str = (0, 1, 2)
         if not chosen:
             have = sorted({e.variant for e in experiments[tid]})
             raise SweepError(f"No experiment of table {tid} has variants {list(variants)}; variants: {', '.join(have)}.")
+    if seeds is None:
+        seeds = (0,) if stage == "pretrain" else (0, 1, 2)
     if isinstance(seeds, str):
         try:
             seeds = [int(s) for s in seeds.split(",") if s.strip()]
@@ -193,10 +208,11 @@ def build_sweep_command(table: str | int, seeds: Sequence[int] | str = (0, 1, 2)
         raise SweepError("Give at least one seed.")
     launcher = launcher or DEFAULT_LAUNCHER.get(tid, "slurm_1gpu")
     overrides = list(overrides)
-    cmd = [python, train_script, "-m", "experiment=" + ",".join(e.name for e in chosen),
+    names = _stage_experiments(tid, chosen, stage, overrides)
+    cmd = [python, train_script, "-m", "experiment=" + ",".join(names),
            "seed=" + ",".join(str(s) for s in seeds)]
     if _override_value(overrides, "sweep_name") is None:
-        cmd.append(f"sweep_name=table{tid}")
+        cmd.append(f"sweep_name=table{tid}" + ("_pretrain" if stage == "pretrain" else ""))
     if _override_value(overrides, "ckpt_path") is None:
         cmd.append("ckpt_path=last")
     if launcher != "none":
@@ -209,6 +225,23 @@ def build_sweep_command(table: str | int, seeds: Sequence[int] | str = (0, 1, 2)
         if _override_value(overrides, "trainer.num_nodes") is None:
             cmd.append(f"trainer.num_nodes={nodes}")
     return cmd + overrides
+
+
+def _stage_experiments(tid: int, chosen: list[Experiment], stage: str, overrides: Sequence[str]) -> list[str]:
+    """The experiment names of ``stage``; fine-tuning rows must be given their pre-training checkpoints."""
+    if stage == "pretrain":
+        if not all(e.pretrain for e in chosen):
+            raise SweepError(f"Table {tid} has no pre-training stage (its experiment files name no paper.pretrain); "
+                             f"drop --stage pretrain.")
+        return list(dict.fromkeys(e.pretrain for e in chosen))  # type: ignore[misc]
+    missing = [e.checkpoint_key for e in chosen if e.checkpoint_key and _override_value(overrides, e.checkpoint_key)
+               is None and not (len(chosen) == 1 and _override_value(overrides, "model.pretrained"))]
+    if missing:
+        given = " ".join(f"{k}=PATH" for k in missing)
+        raise SweepError(f"Table {tid} fine-tunes pre-trained checkpoints: pass {given} (each the "
+                         f"checkpoints/last.ckpt of its pre-training run, from "
+                         f"`python scripts/sweep.py --table {tid} --stage pretrain`).")
+    return [e.name for e in chosen]
 
 
 def _row_key(table, row: str) -> str:
