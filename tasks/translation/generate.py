@@ -81,6 +81,10 @@ def _beam_search(model, src_tokens, beam, max_len_a, max_len_b, min_len, lenpen)
             cand = lprobs + scores.view(bsz, k, -1)[:, :, step - 1:step]
         cand = cand.masked_fill(done[:, None, None], -math.inf).reshape(bsz, -1)
         cand_scores, cand_idx = cand.topk(min(2 * k, cand.shape[1] - 1), dim=1)
+        if cand_scores.shape[1] < k:  # a beam wider than the vocabulary: dead (-inf) fillers
+            fill = k - cand_scores.shape[1]
+            cand_scores = F.pad(cand_scores, (0, fill), value=-math.inf)
+            cand_idx = F.pad(cand_idx, (0, fill), value=0)
         cand_beams, cand_tokens = cand_idx // vocab, cand_idx % vocab
         cand_bbsz = cand_beams + offsets
         eos_mask = cand_tokens.eq(EOS_ID) & cand_scores.ne(-math.inf)
