@@ -120,12 +120,14 @@ class TranslationModule(TaskModule):
     def reference_text(self, target: torch.Tensor) -> str:
         return self.tgt_dict.string(target.tolist(), unk="<<unk>>")
 
-    def _decode(self, src: torch.Tensor, settings: dict[str, Any]) -> list[tuple[list[int], float]]:
+    def _decode(self, src: torch.Tensor, settings: dict[str, Any],
+                model: TransformerModel | None = None) -> list[tuple[list[int], float]]:
+        model = self.model if model is None else model
         if int(settings.get("beam", 5)) <= 1 and settings.get("greedy", True):
-            return [(h, float("nan")) for h in greedy(self.model, src, float(settings.get("max_len_a", 1.2)),
+            return [(h, float("nan")) for h in greedy(model, src, float(settings.get("max_len_a", 1.2)),
                                                        int(settings.get("max_len_b", 10)),
                                                        int(settings.get("min_len", 1)))]
-        out = beam_search(self.model, src, beam=int(settings.get("beam", 5)),
+        out = beam_search(model, src, beam=int(settings.get("beam", 5)),
                           max_len_a=float(settings.get("max_len_a", 0.0)), max_len_b=int(settings.get("max_len_b", 200)),
                           min_len=int(settings.get("min_len", 1)), lenpen=float(settings.get("lenpen", 1.0)))
         return [(h[0].tokens, h[0].score) for h in out]
@@ -170,25 +172,80 @@ class TranslationModule(TaskModule):
         self._test = []
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._test.extend(self.generate_rows(batch))
+
+    def generate_rows(self, batch: dict[str, Any], model: TransformerModel | None = None) -> list[tuple]:
+        """Beam search (``task.generation``) on one batch -> (id, source, reference, hypothesis, score) rows."""
         gen = dict(self.task_cfg.get("generation") or {})
-        out = self._decode(batch["src_tokens"], {**gen, "greedy": False})
-        for i, (ids, score), src, tgt in zip(batch["id"].tolist(), out, batch["src_tokens"], batch["target"]):
-            self._test.append((i, self.src_dict.string(src.tolist()), self.reference_text(tgt),
-                               self.hypothesis_text(ids), score))
+        out = self._decode(batch["src_tokens"], {**gen, "greedy": False}, model)
+        return [(i, self.src_dict.string(src.tolist()), self.reference_text(tgt), self.hypothesis_text(ids), score)
+                for i, (ids, score), src, tgt in zip(batch["id"].tolist(), out, batch["src_tokens"], batch["target"])]
+
+    def score_rows(self, rows: list[tuple]) -> tuple[list[tuple], float, float, str]:
+        rows = sorted((r for part in _gather(rows, self.trainer) for r in part), key=lambda r: r[0])
+        hyps, refs = [r[3] for r in rows], [r[2] for r in rows]
+        detok, signature = sacrebleu_detok(hyps, refs, self.target_lang)
+        return rows, bleu_tok(hyps, refs), detok, signature
 
     def on_test_epoch_end(self) -> None:
-        rows = sorted((r for part in _gather(self._test, self.trainer) for r in part), key=lambda r: r[0])
-        hyps, refs = [r[3] for r in rows], [r[2] for r in rows]
-        tok = bleu_tok(hyps, refs)
-        detok, signature = sacrebleu_detok(hyps, refs, self.target_lang)
+        rows, tok, detok, signature = self.score_rows(self._test)
         self.log("test/bleu_tok", tok, sync_dist=False)
         self.log("test/sacrebleu", detok, sync_dist=False)
-        self._write_hypotheses(rows, tok, detok, signature)
+        self._write_hypotheses(rows, tok, detok, signature, Path(self.trainer.default_root_dir))
+
+    # ------------------------------------------------------------------ test at the end of training
+    def on_train_end(self) -> None:
+        """``task.test_at_end``: average the newest ``average_last`` epoch checkpoints (the paper's last-10
+        averaging; GRC caches from the newest), beam-search the test split and log ``test/bleu_tok`` and
+        ``test/sacrebleu`` into the run's metrics, so scripts/compare.py reads them from the run directory."""
+        cfg = dict(self.task_cfg.get("test_at_end") or {})
+        dm = self.trainer.datamodule
+        if not cfg.get("enabled", False) or dm is None or not dm.has_split("test"):
+            return
+        if any(getattr(cb, "received_signal", None) is not None for cb in self.trainer.callbacks):
+            log.info("Stopped by a signal: the test runs when the resumed run finishes.")
+            return
+        import copy
+
+        from .averaging import average_checkpoints, epoch_checkpoints
+
+        run_dir = Path(self.cfg["paths"]["run_dir"])
+        n = int(cfg.get("average_last", 10))
+        avail = len(list((run_dir / "checkpoints").glob("epoch=*.ckpt")))
+        paths = epoch_checkpoints(run_dir, min(n, avail)) if avail else []
+        model = copy.deepcopy(self.model)
+        if paths:
+            state = average_checkpoints(paths)["state_dict"]
+            model.load_state_dict({k[len("model."):]: v.to(self.device) for k, v in state.items()
+                                   if k.startswith("model.")})
+        else:
+            log.warning("No epoch checkpoints: testing the final weights.")
+        model.eval()
+        rows = []
+        with self.trainer.precision_plugin.forward_context():
+            for batch in dm.test_dataloader():
+                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                rows.extend(self.generate_rows(batch, model))
+        del model
+        rows, tok, detok, signature = self.score_rows(rows)
+        self.trainer.callback_metrics["test/bleu_tok"] = torch.tensor(tok)
+        self.trainer.callback_metrics["test/sacrebleu"] = torch.tensor(detok)
+        what = f"average of {len(paths)} epoch checkpoints ({paths[0].name} .. {paths[-1].name})" if paths \
+            else "final weights"
+        self._report_test(tok, detok, what)
+        self._write_hypotheses(rows, tok, detok, signature, run_dir)
 
     @rank_zero_only
-    def _write_hypotheses(self, rows: list, tok: float, detok: float, signature: str) -> None:
+    def _report_test(self, tok: float, detok: float, what: str) -> None:
+        for logger in self.trainer.loggers:
+            logger.log_metrics({"test/bleu_tok": tok, "test/sacrebleu": detok}, step=self.trainer.global_step)
+            logger.save()
+        log.info("test with the %s", what)
+
+    @rank_zero_only
+    def _write_hypotheses(self, rows: list, tok: float, detok: float, signature: str, where: Path) -> None:
         split = str((self.cfg.get("data") or {}).get("test_subset", "test"))
-        path = Path(self.trainer.default_root_dir) / f"generate-{split}.txt"
+        path = where / f"generate-{split}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             for i, src, ref, hyp, score in rows:
