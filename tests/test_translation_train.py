@@ -93,3 +93,43 @@ def test_demo_learns_and_beam_search_tests(tmp_path):
 
     assert average(["--run-dir", str(run), "--last", "3", "--out", str(tmp_path / "avg.ckpt")]) == 0
     module.load_state_dict(torch.load(tmp_path / "avg.ckpt", weights_only=False)["state_dict"], strict=True)
+
+
+TABLE7 = sorted(p.stem for p in (REPO / "configs" / "experiment" / "paper").glob("table7_*.yaml"))
+
+
+def test_table7_and_wmt_experiments_compose():
+    from omegaconf import OmegaConf
+
+    assert len(TABLE7) == 12
+    for name in TABLE7:
+        cfg = compose_config([f"experiment=paper/{name}"])
+        assert cfg.task.name == "translation" and cfg.paper.table == 7
+        assert cfg.model.name.endswith("_grc") == name.endswith("_cached")
+        assert cfg.data.source_lang in name and cfg.data.target_lang in name
+        assert cfg.task.test_at_end.average_last == 10 and cfg.callbacks.epoch_checkpoints.save_top_k == 10
+        assert list(cfg.paper.metrics) == ["test/bleu_tok"]
+    for variant in ("baseline", "cached"):
+        cfg = compose_config([f"experiment=wmt14_en_de_base_{variant}"])
+        OmegaConf.resolve(cfg.task)
+        assert cfg.model.share_all_embeddings and cfg.data.joined_dictionary and cfg.task.generation.lenpen == 0.6
+
+
+def test_table7_runs_are_compared_with_the_paper(tmp_path):
+    """Two tiny Table 7 runs (IWSLT14 De-En baseline and cached) log test/bleu_tok; compare.py reads them."""
+    from tasks.common.runner import train
+    from tasks.paper.compare import compare_paths, to_markdown
+
+    make_bin(tmp_path / "bin", n=32)
+    for variant in ("baseline", "cached"):
+        train(compose_config([
+            f"experiment=paper/table7_iwslt14_de_en_{variant}", f"data.root={tmp_path / 'bin'}", "trainer=cpu",
+            "model.embed_dim=16", "model.ffn_dim=32", "model.encoder_layers=1", "model.decoder_layers=1",
+            "model.cache_len=8", "data.max_tokens=256", "data.num_workers=0", "trainer.max_epochs=2",
+            "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false", "task.generation.max_len_b=5",
+            "trainer.enable_model_summary=false", f"paths.output_dir={tmp_path}/out",
+            f"paths.run_dir={tmp_path}/multirun/table7/{variant}"]))
+    text = to_markdown(compare_paths([str(tmp_path / "multirun" / "table7")]))
+    line = next(ln for ln in text.splitlines() if ln.startswith("| IWSLT14 De-En | test/bleu_tok |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "35.50" and cells[4] == "36.00" and "(n=1)" in cells[3] and "(n=1)" in cells[5], line
