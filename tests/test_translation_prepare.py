@@ -1,0 +1,79 @@
+"""The IWSLT14 preparation on a miniature of the WIT3 archive: fairseq's prepare-iwslt14.sh steps
+(tag filtering, Moses tokenization, cleaning, lowercasing, the every-23rd-line valid split, the test
+composition, joint BPE) into a folder the data module reads; missing downloads are one clear error."""
+from __future__ import annotations
+
+import tarfile
+
+import pytest
+
+from tasks.common.errors import DataError
+from tasks.translation.data import TranslationDataModule
+from tasks.translation.prepare import clean_corpus, prepare, train_tags_lines, xml_segments
+
+TEST_NAMES = ["IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010", "IWSLT14.TED.tst2011",
+              "IWSLT14.TED.tst2012"]
+
+
+def make_wit3(root, n=60):
+    d = root / "de-en"
+    d.mkdir(parents=True)
+    de, en = ["<url>http://www.ted.com/talks/x</url>", "<talkid>1</talkid>", "<keywords>talks</keywords>",
+              "<title>Der Titel</title>"], ["<url>http://www.ted.com/talks/x</url>", "<talkid>1</talkid>",
+                                            "<keywords>talks</keywords>", "<title>The Title</title>"]
+    for i in range(n):
+        de.append(f"Das Haus Nummer {i} ist groß, sagte sie.")
+        en.append(f"The house number {i} is big, she said.")
+    de.append("Ja.")  # the ratio rule drops this pair (1 token vs 8)
+    en.append("Yes , this is a very long answer here .")
+    (d / "train.tags.de-en.de").write_text("\n".join(de) + "\n")
+    (d / "train.tags.de-en.en").write_text("\n".join(en) + "\n")
+    for k, name in enumerate(TEST_NAMES):
+        for lang, text in (("de", "Hallo Welt"), ("en", "Hello world")):
+            segs = "\n".join(f'<seg id="{j}"> {text} {k}-{j} </seg>' for j in range(1, 3))
+            (d / f"{name}.de-en.{lang}.xml").write_text(f"<mteval>\n<doc>\n{segs}\n</doc>\n</mteval>\n")
+    return d
+
+
+def test_steps_follow_prepare_iwslt14():
+    assert train_tags_lines("<url>u</url>\n<title>T</title>\nSatz\n<description>D</description>\n") == ["T", "Satz", "D"]
+    assert xml_segments('<seg id="3">  It\u2019s here </seg>\n<p>x</p>\n') == ["It's here"]
+    src, tgt = clean_corpus(["a b c", "a", "a | b", ""], ["x y z", "x y z", "x  y", "x"], 1.5, 1, 175)
+    assert (src, tgt) == (["a b c", "a b"], ["x y z", "x y"])
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_prepare_iwslt14_de_en(tmp_path, archive, caplog):
+    raw = tmp_path / "raw"
+    d = make_wit3(raw)
+    if archive:
+        with tarfile.open(raw / "de-en.tgz", "w:gz") as tar:
+            tar.add(d, arcname="de-en")
+        import shutil
+
+        shutil.rmtree(d)
+    out = prepare("iwslt14_de_en", raw, tmp_path / "bin", bpe_merges=30)
+    train = (out / "train.de").read_text().splitlines()
+    valid = (out / "valid.en").read_text().splitlines()
+    test = (out / "test.en").read_text().splitlines()
+    # 61 lines survive the tag filter (title kept, 3 tag lines dropped) minus 1 ratio-dropped = 61; every 23rd is valid
+    assert len(train) + len(valid) == 61 and len(valid) == 2
+    assert valid[0].replace("@@ ", "") == "the house number 21 is big , she said ."  # line 23 of the cleaned text
+    assert all(line == line.lower() for line in train + valid + test)
+    assert any("@@" in line for line in train)
+    assert [t.replace("@@ ", "").split()[-1] for t in test] == [f"{k}-{j}" for k in range(5) for j in (1, 2)]
+    dm = TranslationDataModule(str(out), "de", "en", num_workers=0)
+    dm.check("validate")
+    assert len(dm.datasets["test"]) == 10 and (out / "code").is_file()
+    with pytest.raises(DataError, match="already holds binarized data"):
+        prepare("iwslt14_de_en", raw, out)
+
+
+def test_missing_download_says_what_and_where(tmp_path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(DataError, match=r"train\.tags\.de-en\.de not found under .*expects de-en\.tgz from the WIT3"):
+        prepare("iwslt14_de_en", tmp_path / "raw", tmp_path / "out")
+    with pytest.raises(DataError, match="tst2012.en not found.*Stanford"):
+        (tmp_path / "raw" / "train.en").write_text("a\n")
+        (tmp_path / "raw" / "train.vi").write_text("b\n")
+        prepare("iwslt15_en_vi", tmp_path / "raw", tmp_path / "out")
