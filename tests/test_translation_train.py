@@ -134,3 +134,29 @@ def test_table7_runs_are_compared_with_the_paper(tmp_path):
     line = next(ln for ln in text.splitlines() if ln.startswith("| IWSLT14 De-En | test/bleu_tok |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[2] == "35.50" and cells[4] == "36.00" and "(n=1)" in cells[3] and "(n=1)" in cells[5], line
+
+
+def test_resume_mid_epoch_continues_with_the_same_batches(tmp_path):
+    """Stopping after 3 steps and resuming with ckpt_path=last gives the losses of an uninterrupted run."""
+    from tasks.common.runner import train
+
+    make_bin(tmp_path / "bin", n=64)
+
+    def run(name: str, steps: int, ckpt: str | None = None) -> list[float]:
+        ov = ["task=translation", "model=transformer_iwslt_grc", f"data.root={tmp_path / 'bin'}",
+              "data.source_lang=de", "data.target_lang=en", "model.embed_dim=16", "model.ffn_dim=32",
+              "model.encoder_layers=1", "model.decoder_layers=1", "model.cache_len=8", "data.max_tokens=96",
+              "data.num_workers=0", "trainer=cpu", f"trainer.max_steps={steps}", "trainer.num_sanity_val_steps=0",
+              "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "task.test_at_end.enabled=false",
+              "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1", "task.scheduler.warmup_updates=2",
+              f"paths.output_dir={tmp_path}/out", f"paths.run_dir={tmp_path}/{name}"]
+        if ckpt:
+            ov.append(f"ckpt_path={ckpt}")
+        train(compose_config(ov))
+        return _metric(tmp_path / name, "train/loss")
+
+    full = run("full", 6)
+    assert len(full) == 6
+    run("part", 3)
+    resumed = run("part", 6, "last")
+    assert resumed[-3:] == pytest.approx(full[3:], rel=1e-5)

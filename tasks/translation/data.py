@@ -116,6 +116,14 @@ class BatchLoader(DataLoader):
     def set_epoch(self, epoch: int) -> None:
         self.token_sampler.set_epoch(epoch)
 
+    # Lightning saves and restores these too (when it builds the loader after loading a checkpoint);
+    # the data module carries the same position for the other order (see TranslationDataModule).
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.token_sampler.epoch), "batches": int(self.consumed)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consumed = self.token_sampler.resume(state["epoch"], state["batches"])
+
 
 class TranslationDataModule(pl.LightningDataModule):
     """fairseq data-bin folder -> train/valid/test loaders with fairseq's token batching.
@@ -263,15 +271,12 @@ class TranslationDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        loader = self._train_loader
-        if loader is None:
-            return {}
-        return {"epoch": int(loader.token_sampler.epoch), "batches": int(loader.consumed)}
+        return self._train_loader.state_dict() if self._train_loader is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
         if self._train_loader is not None:
-            self._train_loader.token_sampler.resume(state["epoch"], state["batches"])
+            self._train_loader.load_state_dict(state)
         else:
             self._pending = dict(state)
