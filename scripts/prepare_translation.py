@@ -2,7 +2,8 @@
 """Prepare a translation track from the archives you downloaded, as fairseq's scripts do.
 
     python scripts/prepare_translation.py --track iwslt14_de_en --raw downloads/ --out data/iwslt14.tokenized.de-en
-    python train.py task=translation data=iwslt14_de_en model=transformer_iwslt_grc data.root=data/iwslt14.tokenized.de-en
+    python train.py task=translation data=iwslt14_de_en model=transformer_iwslt_grc \
+        data.root=data/iwslt14.tokenized.de-en
 
 Tracks: iwslt14_de_en (fairseq's prepare-iwslt14.sh, exactly), iwslt14_es_en, iwslt14_en_fr, iwslt15_de_en,
 iwslt15_cs_en (same steps on their WIT3 archives), iwslt15_en_vi (the Stanford release), wmt14_en_de

@@ -28,7 +28,8 @@ def test_positions_and_embeddings_follow_fairseq():
     half = 4
     freq = [math.exp(-i * math.log(10000) / (half - 1)) for i in range(half)]
     for p in (2, 7):
-        assert t[p].tolist() == pytest.approx([math.sin(p * f) for f in freq] + [math.cos(p * f) for f in freq], abs=1e-6)
+        want = [math.sin(p * f) for f in freq] + [math.cos(p * f) for f in freq]
+        assert t[p].tolist() == pytest.approx(want, abs=1e-6)
     assert t[1].abs().sum() == 0
     tokens = torch.tensor([[5, 6, 2], [7, 2, 1]])
     assert make_positions(tokens).tolist() == [[2, 3, 4], [2, 3, 1]]

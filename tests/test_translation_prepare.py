@@ -36,7 +36,8 @@ def make_wit3(root, n=60):
 
 
 def test_steps_follow_prepare_iwslt14():
-    assert train_tags_lines("<url>u</url>\n<title>T</title>\nSatz\n<description>D</description>\n") == ["T", "Satz", "D"]
+    text = "<url>u</url>\n<title>T</title>\nSatz\n<description>D</description>\n"
+    assert train_tags_lines(text) == ["T", "Satz", "D"]
     assert xml_segments('<seg id="3">  It\u2019s here </seg>\n<p>x</p>\n') == ["It's here"]
     src, tgt = clean_corpus(["a b c", "a", "a | b", ""], ["x y z", "x y z", "x  y", "x"], 1.5, 1, 175)
     assert (src, tgt) == (["a b c", "a b"], ["x y z", "x y"])

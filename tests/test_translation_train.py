@@ -34,7 +34,8 @@ def test_documented_command_trains_on_a_data_bin_folder(tmp_path):
     run = Path(result["run_dir"])
     assert len(_metric(run, "train/loss")) == 3 and _metric(run, "val/bleu_tok")
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    assert "model.encoder_layers.0.self_attn.cache" in state and state["model.encoder_layers.0.self_attn.cache"].abs().sum() > 0
+    cache = state["model.encoder_layers.0.self_attn.cache"]
+    assert cache.abs().sum() > 0  # training forwards wrote the GRC cache, and it is saved
 
 
 def _ckpt(path: Path, w: float, cache: float, step: int) -> None:

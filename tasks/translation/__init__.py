@@ -35,5 +35,6 @@ def build_task(cfg: Any, stage: str = "fit") -> tuple[Any, Any]:
         prepare_demo(data["root"], dict(spec), data["source_lang"], data["target_lang"])
     dm = TranslationDataModule(seed=int(cfg.seed), **data)
     dm.check("fit" if stage == "fit" else "validate")
-    module = TranslationModule(OmegaConf.to_container(cfg, resolve=True), dm.src_dict, dm.tgt_dict)  # type: ignore[arg-type]
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    module = TranslationModule(resolved, dm.src_dict, dm.tgt_dict)  # type: ignore[arg-type]
     return module, dm

@@ -15,7 +15,7 @@ Validation and test batches are built the same way without shuffling.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler

@@ -44,7 +44,8 @@ def build_model(model_cfg: dict[str, Any], grc_cfg: dict[str, Any] | None, src_v
     name = str(cfg.pop("name", ""))
     unknown = sorted(set(cfg) - MODEL_KEYS)
     if unknown:
-        raise ConfigError(f"Unknown translation model option(s) {unknown} in model '{name}'; valid: {sorted(MODEL_KEYS)}.")
+        raise ConfigError(f"Unknown translation model option(s) {unknown} in model '{name}'; "
+                          f"valid: {sorted(MODEL_KEYS)}.")
     grc = dict(grc_cfg or {}) if name.endswith("_grc") else None
     if grc is not None:
         grc.setdefault("enabled", True)
@@ -128,7 +129,8 @@ class TranslationModule(TaskModule):
                                                        int(settings.get("max_len_b", 10)),
                                                        int(settings.get("min_len", 1)))]
         out = beam_search(model, src, beam=int(settings.get("beam", 5)),
-                          max_len_a=float(settings.get("max_len_a", 0.0)), max_len_b=int(settings.get("max_len_b", 200)),
+                          max_len_a=float(settings.get("max_len_a", 0.0)),
+                          max_len_b=int(settings.get("max_len_b", 200)),
                           min_len=int(settings.get("min_len", 1)), lenpen=float(settings.get("lenpen", 1.0)))
         return [(h[0].tokens, h[0].score) for h in out]
 

@@ -29,7 +29,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from tasks.common.errors import DataError
 
@@ -248,7 +248,8 @@ def read_stanford(track: Track, raw: Path) -> dict[str, tuple[list[str], list[st
 
 
 def _sgm(path: Path) -> list[str]:
-    return [m.group(1) for m in (re.search(r"<seg[^>]*>\s*(.*?)\s*</seg>", line) for line in _read(path).split("\n")) if m]
+    found = (re.search(r"<seg[^>]*>\s*(.*?)\s*</seg>", line) for line in _read(path).split("\n"))
+    return [m.group(1) for m in found if m]
 
 
 def read_wmt(track: Track, raw: Path, workers: int) -> dict[str, tuple[list[str], list[str]]]:
@@ -317,8 +318,3 @@ def prepare(track_key: str, raw: str | Path, out: str | Path, workers: int = 1, 
         log.warning("%s: sizes %s differ from the reference recipe's %s", track.key, sizes, track.sizes)
     return out
 
-
-def iter_lines(path: Path) -> Iterable[str]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield line.rstrip("\n")
