@@ -78,3 +78,51 @@ def test_missing_download_says_what_and_where(tmp_path):
         (tmp_path / "raw" / "train.en").write_text("a\n")
         (tmp_path / "raw" / "train.vi").write_text("b\n")
         prepare("iwslt15_en_vi", tmp_path / "raw", tmp_path / "out")
+
+
+PO = r'''msgid ""
+msgstr ""
+"Language: de\n"
+
+#: a.py:1
+msgid "Save"
+msgstr "Sichern"
+
+#, fuzzy
+msgid "Delete"
+msgstr "Entfernen"
+
+msgid ""
+"Enter a "
+"\"valid\" value."
+msgstr "Bitte einen \"gültigen\" Wert eingeben."
+
+msgid "%(n)s item"
+msgid_plural "%(n)s items"
+msgstr[0] "%(n)s Eintrag"
+msgstr[1] "%(n)s Einträge"
+
+msgid "Untranslated"
+msgstr ""
+'''
+
+
+def test_po_catalog_parser():
+    from tasks.translation.django_corpus import parse_po
+
+    assert parse_po(PO) == [("Save", "Sichern"), ('Enter a "valid" value.', 'Bitte einen "gültigen" Wert eingeben.'),
+                            ("%(n)s item", "%(n)s Eintrag")]
+
+
+def test_django_catalogs_are_a_real_parallel_corpus(tmp_path):
+    pytest.importorskip("django")
+    from tasks.translation.demo import prepare_demo
+
+    out = prepare_demo(tmp_path / "dj", {"source": "django", "lang": "de", "bpe_merges": 200}, "de", "en")
+    dm = TranslationDataModule(str(out), "de", "en", num_workers=0)
+    dm.check("fit")
+    dm.check("validate")
+    sizes = {k: len(v) for k, v in dm.datasets.items()}
+    assert sizes["train"] > 500 and sizes["valid"] > 50 and sizes["test"] > 50
+    text = dm.tgt_dict.string(dm.datasets["train"].tgt[1])  # pair 1 of the catalogs: Arabic -> Arabisch
+    assert text == "arabic" and dm.src_dict.string(dm.datasets["train"].src[1]) == "arabisch"

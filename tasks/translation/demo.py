@@ -62,10 +62,18 @@ def generate(num_train: int = 6000, num_valid: int = 300, num_test: int = 300, v
 
 
 def prepare_demo(root: str | Path, spec: dict[str, Any], source_lang: str = "src", target_lang: str = "tgt") -> Path:
-    """Generate and binarize the demo corpus into ``root`` unless it is already there."""
+    """Generate and binarize the demo corpus into ``root`` unless it is already there.
+
+    ``spec``: :func:`generate`'s arguments, or ``{source: django, lang: de, bpe_merges: 500}`` for the
+    corpus read from the installed Django package (:mod:`.django_corpus`)."""
     root = Path(root)
     if (root / f"test.{source_lang}-{target_lang}.{target_lang}.idx").is_file():
         return root
+    spec = dict(spec)
+    if spec.pop("source", "generated") == "django":
+        from .django_corpus import prepare_django
+
+        return prepare_django(root, source_lang=source_lang, target_lang=target_lang, **spec)
     splits = generate(**spec)
     write_data_bin(root, splits, source_lang, target_lang)
     return root
