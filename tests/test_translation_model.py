@@ -154,12 +154,12 @@ def test_label_smoothed_loss_matches_hand_computation():
 def test_inverse_sqrt_schedule_matches_fairseq():
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
     sched = inverse_sqrt_schedule(opt, warmup_updates=4000, warmup_init_lr=1e-7)
-    got = {}
-    for s in range(16001):
-        if s in (0, 1, 2000, 4000, 16000):
-            got[s] = opt.param_groups[0]["lr"]
+    got = {s: 5e-4 * sched.lr_lambdas[0](s) for s in (0, 1, 2000, 4000, 16000)}
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-7)  # the lr of the first update
+    for _ in range(3):
         opt.step()
         sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-7 + 3 * (5e-4 - 1e-7) / 4000)
     assert got[0] == pytest.approx(1e-7)
     assert got[2000] == pytest.approx(1e-7 + 2000 * (5e-4 - 1e-7) / 4000)
     assert got[4000] == pytest.approx(5e-4)
