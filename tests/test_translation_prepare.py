@@ -126,3 +126,39 @@ def test_django_catalogs_are_a_real_parallel_corpus(tmp_path):
     assert sizes["train"] > 500 and sizes["valid"] > 50 and sizes["test"] > 50
     text = dm.tgt_dict.string(dm.datasets["train"].tgt[1])  # pair 1 of the catalogs: Arabic -> Arabisch
     assert text == "arabic" and dm.src_dict.string(dm.datasets["train"].src[1]) == "arabisch"
+
+
+def test_prepare_wmt14_and_stanford_layouts(tmp_path):
+    """WMT14 En-De (cased, aggressive dash split, joined dictionary, newstest2013/2014) and IWSLT15 En-Vi
+    (Stanford's tokenized release as it is) on miniature downloads."""
+    raw = tmp_path / "wmt"
+    (raw / "training").mkdir(parents=True)
+    en = [f"The well-known House {i} is big." for i in range(30)]
+    de = [f"Das bekannte Haus {i} ist groß." for i in range(30)]
+    for corpus in ("europarl-v7.de-en", "commoncrawl.de-en", "news-commentary-v9.de-en"):
+        (raw / "training" / f"{corpus}.en").write_text("\n".join(en) + "\n")
+        (raw / "training" / f"{corpus}.de").write_text("\n".join(de) + "\n")
+    (raw / "newstest2013.en").write_text("A small test.\nAnother one.\n")
+    (raw / "newstest2013.de").write_text("Ein kleiner Test.\nNoch einer.\n")
+    for role, lang, text in (("src", "en", "Hello World"), ("ref", "de", "Hallo Welt")):
+        segs = "\n".join(f'<seg id="{i}">{text} {i}</seg>' for i in range(1, 4))
+        (raw / f"newstest2014-deen-{role}.{lang}.sgm").write_text(f"<srcset>\n<doc>\n{segs}\n</doc>\n</srcset>\n")
+    out = prepare("wmt14_en_de", raw, tmp_path / "wmt_bin", bpe_merges=20)
+    assert (out / "dict.en.txt").read_text() == (out / "dict.de.txt").read_text()  # joined
+    train = (out / "train.en").read_text().replace("@@ ", "").splitlines()
+    assert len(train) == 90 and train[0] == "The well @-@ known House 0 is big ."  # cased, dash split
+    assert (out / "test.de").read_text().replace("@@ ", "").splitlines() == [f"Hallo Welt {i}" for i in (1, 2, 3)]
+    dm = TranslationDataModule(str(out), "en", "de", joined_dictionary=True, num_workers=0)
+    dm.check("validate")
+    assert len(dm.datasets["valid"]) == 2
+
+    raw = tmp_path / "envi"
+    raw.mkdir()
+    for name, n in (("train", 20), ("tst2012", 3), ("tst2013", 4)):
+        (raw / f"{name}.en").write_text("".join(f"Hello there , friend {i}\n" for i in range(n)))
+        (raw / f"{name}.vi").write_text("".join(f"Xin chào bạn {i}\n" for i in range(n)))
+    out = prepare("iwslt15_en_vi", raw, tmp_path / "envi_bin", bpe_merges=0)
+    assert (out / "test.en").read_text().splitlines()[0] == "Hello there , friend 0"  # as released: cased
+    dm = TranslationDataModule(str(out), "en", "vi", num_workers=0)
+    dm.check("validate")
+    assert (len(dm.datasets["valid"]), len(dm.datasets["test"])) == (3, 4)
