@@ -162,3 +162,13 @@ def test_prepare_wmt14_and_stanford_layouts(tmp_path):
     dm = TranslationDataModule(str(out), "en", "vi", num_workers=0)
     dm.check("validate")
     assert (len(dm.datasets["valid"]), len(dm.datasets["test"])) == (3, 4)
+
+
+def test_misaligned_or_empty_text_is_refused(tmp_path):
+    from tasks.translation.binarize import write_data_bin
+
+    with pytest.raises(DataError, match=r"train\.de has 2 lines but train\.en has 1: the parallel files are misaligned"):
+        write_data_bin(tmp_path, {"train": (["a b", "c"], ["x"])}, "de", "en")
+    with pytest.raises(DataError, match=r"valid\.en line 2 is empty"):
+        write_data_bin(tmp_path, {"train": (["a"], ["x"]), "valid": (["a", "b"], ["x", " "])}, "de", "en")
+    assert not list(tmp_path.glob("*.idx"))  # nothing written before the check
