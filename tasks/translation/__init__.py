@@ -1,8 +1,12 @@
 """Machine translation (paper Table 7, WMT14): fairseq data-bin reader, token batching, pre-norm
-encoder-decoder Transformer with an optionally cached (GRC) encoder, beam search, BLEU.
+encoder-decoder Transformer with an optionally cached (GRC) encoder, beam search, BLEU. See docs/translation.md.
 
 Modules: ``dictionary`` (fairseq's dict.txt), ``indexed`` (mmap and TNTIDX .idx/.bin via numpy memmap),
-``batching`` (fairseq's token batches, sharded, resumable), ``data`` (the data module). See docs/translation.md.
+``batching`` (fairseq's token batches, sharded, resumable), ``data`` (the data module), ``binarize``
+(writing the data-bin layout), ``prepare`` (IWSLT/WMT preparation), ``demo`` / ``django_corpus`` (the demo
+corpora), ``model`` (the Transformer, incremental decoding), ``generate`` (beam search, greedy),
+``criterion`` (label-smoothed loss, inverse-sqrt schedule), ``bleu``, ``averaging`` (checkpoint
+averaging), ``module`` (the LightningModule), ``benchmark``.
 """
 
 from __future__ import annotations
