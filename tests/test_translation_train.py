@@ -151,8 +151,8 @@ def test_resume_mid_epoch_continues_with_the_same_batches(tmp_path):
               "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "task.test_at_end.enabled=false",
               "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1", "task.scheduler.warmup_updates=2",
               f"paths.output_dir={tmp_path}/out", f"paths.run_dir={tmp_path}/{name}"]
-        if ckpt:
-            ov.append(f"ckpt_path={ckpt}")
+        if ckpt:  # the resumed run extends max_steps, a recipe key: allowed explicitly
+            ov += [f"ckpt_path={ckpt}", "resume_mismatch=allow"]
         train(compose_config(ov))
         return _metric(tmp_path / name, "train/loss")
 
