@@ -37,6 +37,20 @@ def test_documented_command_trains_on_a_data_bin_folder(tmp_path):
     cache = state["model.encoder_layers.0.self_attn.cache"]
     assert cache.abs().sum() > 0  # training forwards wrote the GRC cache, and it is saved
 
+    # python eval.py ckpt_path=<last.ckpt>: the task comes from the checkpoint, beam search on the test split
+    from tasks.common.runner import evaluate
+
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ecfg = compose_config([f"ckpt_path={ckpt}", "trainer=cpu", "trainer.enable_progress_bar=false",
+                           f"paths.output_dir={tmp_path}/out"], config_name="eval")
+    result = evaluate(ecfg, [f"ckpt_path={ckpt}", "trainer=cpu"])
+    assert result["splits"] == ["val", "test"]
+    assert {"val/bleu_tok", "test/bleu_tok", "test/sacrebleu"} <= set(result["metrics"])
+    hyps = (Path(result["eval_dir"]) / "generate-test.txt").read_text().splitlines()
+    assert hyps  # the hypotheses of the test split are written next to the metrics
+    after = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(after["model.encoder_layers.0.self_attn.cache"], cache)  # evaluation wrote nothing back
+
 
 def _ckpt(path: Path, w: float, cache: float, step: int) -> None:
     torch.save({"state_dict": {"model.w": torch.full((2, 2), w), "model.encoder_layers.0.self_attn.cache":
