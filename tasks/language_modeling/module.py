@@ -57,6 +57,21 @@ def build_model(model_cfg: Mapping[str, Any], n_token: int) -> TransformerXL:
     return model
 
 
+@torch.no_grad()
+def stream_nll(model: TransformerXL, batches: Any, device: torch.device | str = "cpu") -> tuple[float, int]:
+    """(total NLL in nats, target tokens) of ``model`` in eval mode over in-order segment ``batches``,
+    the memory carried from segment to segment and reset at segment 0 (Transformer-XL's evaluation)."""
+    model.eval()
+    state, total, count = None, 0.0, 0
+    for batch in batches:
+        if int(batch["segment"]) == 0:
+            state = None
+        nll, state = model(batch["input"].to(device), batch["target"].to(device), state)
+        total += float(nll.double().sum())
+        count += nll.numel()
+    return total, count
+
+
 class LanguageModel(TaskModule):
     """``cfg``: the resolved run config; ``n_token``: the vocabulary size of the data."""
 
@@ -123,16 +138,9 @@ class LanguageModel(TaskModule):
     @torch.no_grad()
     def evaluate_stream(self, model: TransformerXL, loader: Any) -> tuple[float, int]:
         """(mean NLL per token, tokens) of ``model`` over ``loader``'s stream, memory carried, summed over processes."""
-        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
-        model.eval()
-        state = None
         with self.trainer.precision_plugin.forward_context():
-            for batch in loader:
-                if int(batch["segment"]) == 0:
-                    state = None
-                nll, state = model(batch["input"].to(self.device), batch["target"].to(self.device), state)
-                stats[0] += nll.double().sum()
-                stats[1] += nll.numel()
+            total, count = stream_nll(model, loader, self.device)
+        stats = torch.tensor([total, count], dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         return float(stats[0]) / max(float(stats[1]), 1.0), int(stats[1])
