@@ -153,3 +153,19 @@ def test_grc_needs_a_cache_and_xl_memory_may_exceed_the_segment():
     for _ in range(3):
         _, state = model(x, x, state)
     assert state[0].shape[1] == 12  # memory spans all three earlier segments (< mem_len so far)
+
+
+@pytest.mark.parametrize("memory", ["xl", "grc"])
+def test_bf16_autocast_carries_a_float32_memory(memory):
+    model = _model(memory, mem_len=4).train()
+    x = torch.randint(0, V, (2, 5))
+    state = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):
+            nll, state = model(x, x, state)
+    nll.mean().backward()
+    assert torch.isfinite(nll).all() and nll.dtype == torch.float32
+    flat = [t for s in state for t in (s if isinstance(s, tuple) else (s,))]
+    assert all(not t.requires_grad for t in flat)
+    if memory == "grc":
+        assert all(t.dtype == torch.float32 for t in flat)

@@ -128,7 +128,8 @@ class GRCMemory(nn.Module):
     def update(self, prev: torch.Tensor, xu: torch.Tensor) -> torch.Tensor:
         reset, upd = torch.sigmoid(self.gate(torch.cat([prev, xu], -1))).chunk(2, dim=-1)
         cand = self.cand_norm(F.gelu(self.cand(torch.cat([reset * prev, xu], -1))))
-        return torch.lerp(prev, cand, upd)
+        dt = cand.dtype  # under autocast: the activations' dtype (the carried state stays float32)
+        return torch.lerp(prev.to(dt), cand, upd.to(dt))
 
     def mix(self, s: torch.Tensor, x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
         b, q, dmodel = s.shape
