@@ -126,9 +126,10 @@ def test_grc_cache_update_equals_the_step_by_step_recurrence_and_trains_the_gate
     for s in segs:
         nll, state = model(s, s, state)
     grc0 = model.layers[0].grc
-    # replay layer 0's recurrence by hand: C_0 = 0, C_k = update(C_{k-1}, X_k)
+    # replay layer 0's recurrence by hand: C_0 = update(0, 0), C_k = update(C_{k-1}, X_k)
     with torch.no_grad():
-        c = torch.zeros(2, 4, grc0.mem_dim)
+        zeros = torch.zeros(2, 4, grc0.mem_dim)
+        c = grc0.update(zeros, zeros)  # C_0: the learned initial cache
         st = None
         summaries = []
         for s in segs:
@@ -169,3 +170,14 @@ def test_bf16_autocast_carries_a_float32_memory(memory):
     assert all(not t.requires_grad for t in flat)
     if memory == "grc":
         assert all(t.dtype == torch.float32 for t in flat)
+
+
+@pytest.mark.parametrize("memory", ["xl", "grc"])
+def test_every_parameter_is_in_the_graph_of_every_step(memory):
+    """DDP (find_unused_parameters=False) needs this: the first segment of a stream and targets that miss
+    adaptive-softmax clusters included."""
+    model = _model(memory, mem_len=4).train()
+    x = torch.randint(0, 10, (2, 5))  # first cluster only
+    nll, _ = model(x, x)
+    nll.mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []

@@ -66,3 +66,17 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(corpus, tmp_path):
         assert torch.allclose(v, b["state_dict"][k], atol=1e-6), k
     for (ca, pa), (cb, pb) in zip(a["lm_memory"], b["lm_memory"]):
         assert torch.allclose(ca, cb, atol=1e-6) and torch.allclose(pa, pb, atol=1e-6)
+
+
+def test_memory_checkpoint_keeps_each_process_tracks():
+    from tasks.language_modeling.module import pack_memory, unpack_memory
+
+    per_rank = [[(torch.full((2, 3), float(r)), torch.full((2, 3), 10.0 + r))] for r in range(2)]
+    # what all_gather gives every rank: the ranks' tensors stacked
+    gathered = pack_memory(per_rank[0], 2, lambda t: torch.stack([t, t + 1]))
+    for rank in range(2):
+        mine = unpack_memory(gathered, 2, 2, rank)
+        assert torch.equal(mine[0][0], per_rank[rank][0][0]) and torch.equal(mine[0][1], per_rank[rank][0][1])
+    assert unpack_memory(gathered, 2, 1, 0) is None  # another process count: other tracks, empty memory
+    single = pack_memory(per_rank[1], 1, None)
+    assert torch.equal(unpack_memory(single, 1, 1, 0)[0][0], per_rank[1][0][0])

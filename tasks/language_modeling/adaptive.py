@@ -83,7 +83,8 @@ class AdaptiveSoftmax(nn.Module):
         for i in range(len(bounds) - 1):
             lo, hi = bounds[i], bounds[i + 1]
             idx = ((target >= lo) & (target < hi)).nonzero(as_tuple=True)[0]
-            if idx.numel() == 0:
+            if idx.numel() == 0:  # keep the cluster's bias in the graph (DDP expects every parameter used)
+                nll = nll + 0.0 * self.biases[i].sum()
                 continue
             tgt = target[idx] - lo
             if i == 0:

@@ -25,6 +25,8 @@ Memory (``memory``):
   C_{t-1} = GRC(C_{t-2}, X_{t-1}) *inside its own graph*, attends to it, and hands on (C_{t-1}
   detached, X_t detached). The loss of segment t therefore trains the gates and the candidate through
   C_{t-1}; nothing crosses more than one step, and each forward performs exactly one cache update.
+  The first segment of a stream reads C_0 = GRC(0, 0) (the update of a zero cache by an empty
+  summary), so every parameter takes part in every step and DDP needs no ``find_unused_parameters``.
 
 The forward is functional in the memory: ``forward(input, target, state) -> (nll B x t, new_state)``,
 ``state`` being ``None`` (start of a stream) or what the previous call returned.
@@ -250,12 +252,12 @@ class TransformerXL(nn.Module):
             pos = self._positions(q, dev, dt)
             for i, layer in enumerate(self.layers):
                 grc = layer.grc
-                if state is None:
-                    cache = x.new_zeros(b, self.mem_len, grc.mem_dim, dtype=torch.float32)
+                if state is None:  # start of a stream: C_0 = GRC(0, empty summary), a learned initial cache
+                    prev = pending = x.new_zeros(b, self.mem_len, grc.mem_dim, dtype=torch.float32)
                 else:
                     prev, pending = state[i]
-                    # the one cache update of this step, inside this step's graph (gates get a gradient)
-                    cache = prev if pending is None else grc.update(prev, pending)
+                # the one cache update of this step, inside this step's graph (gates get a gradient)
+                cache = grc.update(prev, pending)
                 x, xu = layer(x, None, pos, self.r_w_bias, self.r_r_bias, mask, cache)
                 new_state.append((cache.detach().float(), xu.detach().float()))
         x = self.drop(x)

@@ -72,6 +72,27 @@ def stream_nll(model: TransformerXL, batches: Any, device: torch.device | str = 
     return total, count
 
 
+def pack_memory(state: Any, world: int, all_gather: Any) -> Any:
+    """The training memory for a checkpoint: detached CPU tensors, stacked over processes when ``world > 1``."""
+    if state is None:
+        return None
+    if world > 1:
+        state = map_state(state, all_gather)  # world x ... per tensor
+    return map_state(state, lambda t: t.detach().cpu())
+
+
+def unpack_memory(state: Any, saved_world: int, world: int, rank: int) -> Any:
+    """This process's memory from a checkpoint; ``None`` (an empty memory, logged) when the process count changed
+    (the tracks are cut differently then)."""
+    if state is None:
+        return None
+    if saved_world != world:
+        log.warning("The checkpoint's language-model memory was saved by %d process(es) and this run has %d: the "
+                    "tracks differ, so training continues with an empty memory.", saved_world, world)
+        return None
+    return map_state(state, lambda t: t[rank]) if world > 1 else state
+
+
 class LanguageModel(TaskModule):
     """``cfg``: the resolved run config; ``n_token``: the vocabulary size of the data."""
 
@@ -146,13 +167,22 @@ class LanguageModel(TaskModule):
         return float(stats[0]) / max(float(stats[1]), 1.0), int(stats[1])
 
     # ------------------------------------------------------------------ checkpoints: the training memory
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self._trainer
+        return (0, 1) if trainer is None else (int(trainer.global_rank), int(trainer.world_size))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["lm_memory"] = map_state(self.train_state, lambda t: t.detach().cpu())
+        rank, world = self._rank_world()
+        # every process holds its own tracks' memory: gather them (every rank runs this hook)
+        checkpoint["lm_memory"] = pack_memory(self.train_state, world, lambda t: self.all_gather(t.contiguous()))
+        checkpoint["lm_memory_world"] = world
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.train_state = checkpoint.get("lm_memory")
+        rank, world = self._rank_world()
+        self.train_state = unpack_memory(checkpoint.get("lm_memory"), int(checkpoint.get("lm_memory_world", 1)),
+                                         world, rank)
 
     # ------------------------------------------------------------------ test with the best weights
     def _best_checkpoint(self) -> tuple[str | None, float | None]:
