@@ -164,10 +164,10 @@ def test_launcher_resources_follow_the_defaults_chain() -> None:
 
 def test_sweep_unknown_table_lists_tables_with_experiments() -> None:
     have = sorted(paper_experiments())
-    proc = subprocess.run([sys.executable, "scripts/sweep.py", "--table", "5", "--dry-run"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "scripts/sweep.py", "--table", "9", "--dry-run"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "No experiment files for table 5" in proc.stderr
+    assert "No experiment files for table 9" in proc.stderr
     assert f"Tables with experiment files: {', '.join(map(str, have)) or 'none'}" in proc.stderr
     with pytest.raises(SweepError, match="--table must be a number"):
         build_sweep_command("one")

@@ -5,7 +5,9 @@ Registered names (:data:`MODEL_NAMES`):
 * PVT v1 written here (timm has none): ``pvt_tiny``, ``pvt_small``, ``pvt_medium``, ``pvt_large`` and
   their cached variants ``pvt_<size>_grc``;
 * cached variants of timm's own baselines: ``vit_small_patch16_224_grc`` (DeiT-S),
-  ``pvt_v2_b0_grc`` ... ``pvt_v2_b5_grc``, ``swin_tiny_patch4_window7_224_grc``.
+  ``pvt_v2_b0_grc`` ... ``pvt_v2_b5_grc``, ``swin_tiny_patch4_window7_224_grc``;
+* Table 2's Transformer-XL-style attention cache (``models/xlcache.py``): ``pvt_{tiny,small,medium}_xlcache``,
+  ``vit_small_patch16_224_xlcache`` (the baseline's parameters, no GRC options).
 
 Every ``*_grc`` model takes GRC options as ``grc=`` (a mapping, a :class:`GRCConfig`, or ``False`` for
 the exact baseline) or flat ``grc_<field>=`` keywords; :data:`BASELINES` maps each to its baseline.
@@ -23,6 +25,7 @@ import timm
 from torch import nn
 
 from . import pvt, pvt_v2, swin, vit  # noqa: F401  (registers the models with timm)
+from . import xlcache  # noqa: F401  (Table 2's XL-cache hosts: <baseline>_xlcache)
 from ._common import BASELINES, MODEL_NAMES, baseline_key_to_grc
 from ._loading import CheckpointMismatchError, load_checkpoint, resize_cache_tensor
 from .pretrained import PretrainedReport, load_pretrained

@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 # the launcher each paper table is meant for (ImageNet: 8 GPUs x total batch 1024 in the paper's recipe)
 DEFAULT_LAUNCHER = {1: "slurm_8gpu", 2: "slurm_8gpu", 8: "slurm_8gpu", 10: "slurm_8gpu", 3: "slurm_8gpu",
-                    4: "slurm_8gpu", 7: "slurm_1gpu"}
+                    4: "slurm_8gpu", 5: "slurm_8gpu", 7: "slurm_1gpu"}
 LOCAL_LAUNCHERS = {"local", "basic", "submitit_local", "none"}
 _NAME = re.compile(r"^table(\d+)_(.+)_([a-z0-9]+)$")
 
