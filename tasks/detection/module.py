@@ -5,7 +5,7 @@ Training logs ``train/loss`` (the sum of the detector's losses), each loss as ``
 per batch, gathers the COCO results on every rank with each image once and evaluates once on rank 0
 (pycocotools); the metrics are broadcast so every rank logs the same numbers: ``val/bbox_mAP``,
 ``val/bbox_mAP_50``, ``val/bbox_mAP_75``, ``val/bbox_mAP_s|m|l`` and, for Mask R-CNN, ``val/segm_*``
-(percent). ``task.results_json=PATH`` also writes the COCO results file (rank 0) after each validation.
+(percent), and ``val/num_images`` (images evaluated). ``task.results_json=PATH`` also writes the COCO results file (rank 0) after each validation.
 """
 from __future__ import annotations
 
@@ -160,9 +160,7 @@ class DetectionModule(TaskModule):
         self.results.reset()
         self.eval_images = int(metrics.get("num_images", 0))
         for k, v in metrics.items():
-            if k != "num_images":
-                self.log(f"{prefix}/{k}", v if math.isfinite(v) else float("nan"), prog_bar=k == "bbox_mAP",
-                         rank_zero_only=False, sync_dist=False)
+            self.log(f"{prefix}/{k}", v if math.isfinite(v) else float("nan"), prog_bar=k == "bbox_mAP")
 
     @rank_zero_only
     def _write_results(self, results: list[dict[str, Any]]) -> None:
