@@ -140,7 +140,10 @@ def test_train_loader_resumes_mid_epoch(tmp_path: Path) -> None:
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert isinstance(loader, GroupedBatchLoader)
-    loader.batch_sampler.set_epoch(2)
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    _set_sampler_epoch(loader, 2)  # what Lightning does before each epoch
+    assert loader.batch_sampler.epoch == 2
     full = [[int(t["image_id"]) for t in b[1]] for b in loader]
     it = iter(loader)
     next(it), next(it)

@@ -30,6 +30,8 @@ class GroupedBatchSampler(Sampler[list]):
         self.shuffle = shuffle
         self.epoch = 0
         self.skip = 0  # batches to skip at the start of the next iteration (set by the loader)
+        # Lightning calls set_epoch on ``loader.sampler`` and ``loader.batch_sampler.sampler`` only
+        self.sampler = _EpochForwarder(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -67,6 +69,16 @@ class GroupedBatchSampler(Sampler[list]):
         per_group = [sum(1 for k in self.groups if k == g) for g in set(self.groups)]
         n = sum(-(-c // self.batch_size) for c in per_group)
         return -(-n // self.world)
+
+
+class _EpochForwarder:
+    """``batch_sampler.sampler`` for Lightning: its ``set_epoch`` reaches the grouped batch sampler."""
+
+    def __init__(self, owner: GroupedBatchSampler):
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
 
 
 class GroupedBatchLoader(DataLoader):
