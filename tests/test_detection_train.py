@@ -98,6 +98,9 @@ def test_fpn_levels_match_pvt_configs(shapes_root: Path, tmp_path: Path) -> None
     retina = module.model
     sizes = retina.anchor_generator.sizes
     assert sizes[0] == pytest.approx((32.0, 32 * 2 ** (1 / 3), 32 * 2 ** (2 / 3)))
+    # mmdetection's anchors, not rounded: ratio 0.5 at size 32 is 45.25 x 22.63 (w = s / sqrt(r), h = s * sqrt(r))
+    cell = retina.anchor_generator.cell_anchors[0]
+    assert cell[0].tolist() == pytest.approx([-16 * 2 ** 0.5, -8 * 2 ** 0.5, 16 * 2 ** 0.5, 8 * 2 ** 0.5])
     assert retina.detections_per_img == 20 and not any(isinstance(m, torch.nn.ReLU) for m in retina.backbone.fpn.modules())
 
 

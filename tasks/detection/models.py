@@ -13,8 +13,9 @@ FPN (256 channels, 5 levels), as PVT's configs:
 
 Aligned torchvision defaults (docs/detection.md lists them and what is kept):
 RPN post-NMS top-n 1000 in training; RoIAlign ``sampling_ratio=0`` and ``aligned=True``
-(:class:`AlignedMultiScaleRoIAlign`); RPN box loss L1 (:class:`L1RegionProposalNetwork`); RetinaNet
-anchors 4 x stride x 2^(k/3) as exact floats, 100 detections per image; contiguous labels.
+(:class:`AlignedMultiScaleRoIAlign`); RPN box loss L1 (:class:`L1RegionProposalNetwork`); anchors not
+rounded to integers (:class:`FloatAnchorGenerator`), RetinaNet's 4 x stride x 2^(k/3); RetinaNet 100
+detections per image; contiguous labels.
 """
 from __future__ import annotations
 
@@ -97,6 +98,19 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
         return out
 
 
+class FloatAnchorGenerator(AnchorGenerator):
+    """torchvision's anchors without rounding the base anchors to integers: mmdetection's anchors
+    (center offset 0, w = size / sqrt(ratio), h = size * sqrt(ratio)) exactly."""
+
+    def generate_anchors(self, scales: list[float], aspect_ratios: list[float], dtype: torch.dtype = torch.float32,
+                         device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        scales_t = torch.as_tensor(scales, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=dtype, device=device))
+        ws = (scales_t[None, :] / h_ratios[:, None]).reshape(-1)
+        hs = (scales_t[None, :] * h_ratios[:, None]).reshape(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+
 class L1RegionProposalNetwork(RegionProposalNetwork):
     """torchvision's RPN with mmdetection's L1 box loss (torchvision: smooth L1, beta 1/9)."""
 
@@ -163,8 +177,9 @@ def build_detector(detector: str, num_classes: int, model_cfg: Mapping[str, Any]
         backbone = PVTFPN(body, (0, 1, 2, 3), LastLevelMaxPool(), fpn_channels)
         names = ["0", "1", "2", "3"]
         sampling = int(d.get("roi_sampling_ratio", 0))
+        rpn_anchors = FloatAnchorGenerator(((32.0,), (64.0,), (128.0,), (256.0,), (512.0,)), ((0.5, 1.0, 2.0),) * 5)
         model = MaskRCNN(
-            backbone, num_classes=num_classes + 1, **common,
+            backbone, num_classes=num_classes + 1, **common, rpn_anchor_generator=rpn_anchors,
             rpn_pre_nms_top_n_train=int(d.get("rpn_pre_nms_top_n_train", 2000)),
             rpn_pre_nms_top_n_test=int(d.get("rpn_pre_nms_top_n_test", 1000)),
             rpn_post_nms_top_n_train=int(d.get("rpn_post_nms_top_n_train", 1000)),
@@ -181,12 +196,12 @@ def build_detector(detector: str, num_classes: int, model_cfg: Mapping[str, Any]
             nms_thresh=rpn.nms_thresh, score_thresh=rpn.score_thresh)
         return model
     backbone = PVTFPN(body, (1, 2, 3), P6P7FromC5(body.feature_info.channels()[3], fpn_channels), fpn_channels)
-    anchors = AnchorGenerator(retinanet_anchor_sizes(), ((0.5, 1.0, 2.0),) * 5)
+    anchors = FloatAnchorGenerator(retinanet_anchor_sizes(), ((0.5, 1.0, 2.0),) * 5)
     return RetinaNet(backbone, num_classes=num_classes, anchor_generator=anchors, **common,
                      score_thresh=float(d.get("score_thresh", 0.05)), nms_thresh=float(d.get("nms_thresh", 0.5)),
                      detections_per_img=int(d.get("detections_per_img", 100)),
                      topk_candidates=int(d.get("topk_candidates", 1000)))
 
 
-__all__ = ["AlignedMultiScaleRoIAlign", "L1RegionProposalNetwork", "P6P7FromC5", "PVTFPN", "build_backbone",
+__all__ = ["AlignedMultiScaleRoIAlign", "FloatAnchorGenerator", "L1RegionProposalNetwork", "P6P7FromC5", "PVTFPN", "build_backbone",
            "build_detector", "retinanet_anchor_sizes"]
