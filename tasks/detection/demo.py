@@ -2,7 +2,7 @@
 
     python -m tasks.detection.demo [--data data/coco_shapes] [extra train.py overrides ...]
 
-1. generates ``data/coco_shapes`` (120 train / 40 val images, COCO layout) if it is missing;
+1. generates ``data/coco_shapes`` (100 train / 40 val images, COCO layout) if it is missing;
 2. runs ``python train.py experiment=coco_demo model=pvt_tiny`` and ``... model=pvt_tiny_grc`` (normal
    runs: ``outputs/coco_maskrcnn/coco_demo-<model>/``, resumable with ``ckpt_path=last``);
 3. prints the final COCO metrics and wall time of both from their ``csv/metrics.csv``.
@@ -29,7 +29,7 @@ SHOWN = ("val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75", "val/segm_mAP", "
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/coco_shapes", help="generated shapes folder (created if missing)")
-    p.add_argument("--train", type=int, default=120, help="training images to generate")
+    p.add_argument("--train", type=int, default=100, help="training images to generate")
     p.add_argument("--val", type=int, default=40, help="validation images to generate")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for both runs")
     a = p.parse_args(argv)
