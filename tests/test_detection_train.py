@@ -150,3 +150,13 @@ def test_ddp_two_processes_evaluate_each_image_once(shapes_root: Path, tmp_path:
     assert result["metrics"]["val/num_images"] == 5  # 3 + 2 images on the two ranks, each counted once
     detections = json.loads((out / "coco_results.json").read_text())
     assert {d["image_id"] for d in detections} <= set(range(1, 6))
+
+
+def test_non_pyramid_backbone_is_one_sentence() -> None:
+    from tasks.common.errors import ConfigError
+    from tasks.detection.models import build_backbone
+
+    with pytest.raises(ConfigError, match="strides 4/8/16/32"):
+        build_backbone({"name": "vit_small_patch16_224", "img_size": 32}, None)
+    with pytest.raises(ConfigError, match="Unknown model"):
+        build_backbone({"name": "pvt_tinyy"}, None)

@@ -148,8 +148,9 @@ def build_backbone(model_cfg: Mapping[str, Any], grc_cfg: Mapping[str, Any] | No
     except (TypeError, RuntimeError) as exc:
         raise ConfigError(f"Model '{name}' cannot give multi-scale features for detection ({exc}); use a PVT "
                           f"backbone such as model=pvt_tiny or model=pvt_tiny_grc.") from None
-    if len(net.feature_info.channels()) != 4:
-        raise ConfigError(f"Model '{name}' gives {len(net.feature_info.channels())} feature levels, detection needs 4.")
+    if list(net.feature_info.reduction()) != [4, 8, 16, 32]:
+        raise ConfigError(f"Model '{name}' gives features at strides {list(net.feature_info.reduction())}; detection "
+                          f"needs four levels at strides 4/8/16/32 (a pyramid backbone such as model=pvt_tiny).")
     return net
 
 
