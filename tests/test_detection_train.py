@@ -160,3 +160,14 @@ def test_non_pyramid_backbone_is_one_sentence() -> None:
         build_backbone({"name": "vit_small_patch16_224", "img_size": 32}, None)
     with pytest.raises(ConfigError, match="Unknown model"):
         build_backbone({"name": "pvt_tinyy"}, None)
+
+
+def test_checkpoint_categories_must_match_the_annotation_file(shapes_root: Path, tmp_path: Path) -> None:
+    from tasks.common.errors import DataError
+    from tasks.detection import build_task
+
+    ov = det_overrides("coco_retinanet", "pvt_tiny", shapes_root, tmp_path)
+    with pytest.raises(DataError, match="instances_val2017.json has categories"):
+        build_task(_cfg([*ov, "task.label_to_cat={1: 1, 2: 2}"]), stage="validate")
+    module, _ = build_task(_cfg([*ov, "task.label_to_cat={1: 1, 2: 3, 3: 5, 4: 8}"]), stage="validate")
+    assert module.label_to_cat == {1: 1, 2: 3, 3: 5, 4: 8}

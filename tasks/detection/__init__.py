@@ -37,6 +37,12 @@ def build_task(cfg: Any, stage: str = "fit") -> tuple[Any, Any]:
     log.info("COCO %s: %d categories; %s val images%s", datamodule.root, split.num_classes, len(split.coco.imgs),
              f", {len(datamodule.train_ids())} train images after the filter" if "train" in datamodule.splits else "")
     run_cfg: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    stored = {int(k): int(v) for k, v in (run_cfg["task"].get("label_to_cat") or {}).items()}
+    if stored and stored != split.label_to_cat:
+        from tasks.common.errors import DataError
+
+        raise DataError(f"{datamodule.paths['val'][0]} has categories {sorted(split.label_to_cat.values())} but the "
+                        f"model was trained on {sorted(stored.values())}; evaluate on the data set it was trained for.")
     run_cfg["task"]["label_to_cat"] = {int(k): int(v) for k, v in split.label_to_cat.items()}
     module = DetectionModule(run_cfg, split.label_to_cat)
     return module, datamodule
