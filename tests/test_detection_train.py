@@ -171,3 +171,15 @@ def test_checkpoint_categories_must_match_the_annotation_file(shapes_root: Path,
         build_task(_cfg([*ov, "task.label_to_cat={1: 1, 2: 2}"]), stage="validate")
     module, _ = build_task(_cfg([*ov, "task.label_to_cat={1: 1, 2: 3, 3: 5, 4: 8}"]), stage="validate")
     assert module.label_to_cat == {1: 1, 2: 3, 3: 5, 4: 8}
+
+
+def test_1x_schedule_warmup_and_steps() -> None:
+    from tasks.detection.module import warmup_multistep_schedule
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    sched = warmup_multistep_schedule(opt, total_steps=1200, steps_per_epoch=100, warmup_steps=500)
+    f = sched.lr_lambdas[0]
+    assert f(0) == pytest.approx(0.001) and f(250) == pytest.approx(0.5005) and f(500) == 1.0
+    assert f(799) == 1.0 and f(800) == pytest.approx(0.1) and f(1099) == pytest.approx(0.1)
+    assert f(1100) == pytest.approx(0.01)
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-7)
