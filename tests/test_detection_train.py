@@ -123,6 +123,8 @@ def test_resume_is_exact_and_checkpoint_evaluates(shapes_root: Path, tmp_path: P
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 4
+    # PVT's recipe: weight decay 1e-4 on every parameter group, norms and biases included
+    assert [g["weight_decay"] for g in a["optimizer_states"][0]["param_groups"]] == [1e-4, 1e-4]
 
     results_json = tmp_path / "results.json"
     ov = [o for o in det_overrides("coco_maskrcnn", "pvt_tiny", shapes_root, tmp_path / "eval", steps=None)
