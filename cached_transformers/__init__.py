@@ -7,8 +7,10 @@ from .grc import (PRESETS, GRCAttention, GRCConfig, SelfAttention, SRAttention, 
                   memory_width, mixing_weights, padding_to_attn_mask, reset_caches, split_grc_kwargs)
 from .convert import convert_reference_state_dict
 from . import models  # registers models with timm
+from .models import CheckpointMismatchError, PretrainedReport, load_pretrained
 
 __all__ = [
-    "GRCAttention", "GRCConfig", "PRESETS", "convert_reference_state_dict", "SRAttention", "SelfAttention", "copy_caches", "grc_layers",
+    "CheckpointMismatchError", "GRCAttention", "GRCConfig", "PRESETS", "PretrainedReport",
+    "convert_reference_state_dict", "load_pretrained", "SRAttention", "SelfAttention", "copy_caches", "grc_layers",
     "memory_width", "mixing_weights", "padding_to_attn_mask", "reset_caches", "split_grc_kwargs",
 ]

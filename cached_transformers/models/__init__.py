@@ -11,7 +11,9 @@ Every ``*_grc`` model takes GRC options as ``grc=`` (a mapping, a :class:`GRCCon
 the exact baseline) or flat ``grc_<field>=`` keywords; :data:`BASELINES` maps each to its baseline.
 
 Use ``timm.create_model(name, ...)`` or :func:`create_model` (same, with a clear error for unknown
-names); :func:`load_checkpoint` loads weights and handles GRC cache lengths.
+names); :func:`load_checkpoint` loads weights and handles GRC cache lengths; :func:`load_pretrained`
+starts a model from a project checkpoint, a plain state_dict, an official PVT release file or (for a
+cached model) its baseline's weights.
 """
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ from torch import nn
 
 from . import pvt, pvt_v2, swin, vit  # noqa: F401  (registers the models with timm)
 from ._common import BASELINES, MODEL_NAMES, baseline_key_to_grc
-from ._loading import load_checkpoint, resize_cache_tensor
+from ._loading import CheckpointMismatchError, load_checkpoint, resize_cache_tensor
+from .pretrained import PretrainedReport, load_pretrained
 from .pvt import PyramidVisionTransformer
 
-__all__ = ["BASELINES", "MODEL_NAMES", "PyramidVisionTransformer", "available_models", "baseline_key_to_grc",
-           "create_model", "load_checkpoint", "resize_cache_tensor"]
+__all__ = ["BASELINES", "CheckpointMismatchError", "MODEL_NAMES", "PretrainedReport", "PyramidVisionTransformer",
+           "available_models", "baseline_key_to_grc", "create_model", "load_checkpoint", "load_pretrained",
+           "resize_cache_tensor"]
 
 
 def available_models() -> list[str]:

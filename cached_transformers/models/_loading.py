@@ -1,4 +1,4 @@
-"""Checkpoint loading that understands GRC caches.
+"""Checkpoint loading that understands GRC caches and absolute position embeddings.
 
 A GRC cache's length T_m is fixed by the model's nominal input size (e.g. 3136 tokens for PVT stage 1
 at 224 x 224, 784 at 112 x 112). A checkpoint whose cache has another length cannot load as-is;
@@ -8,6 +8,9 @@ summaries), so e.g. an ImageNet model can seed a model built for another size. A
 another size usually has other absolute position embeddings too (PVT v1's ``pos_embed1..4``, ViT's
 ``pos_embed``): ``resize_pos_embed=True`` resamples those (PVT: bilinear, as PVT resizes them at run
 time; ViT: timm's bicubic resampling), otherwise their mismatch is reported the same way.
+
+:func:`resize_caches` and :func:`resize_pos_embeds` are the two steps on their own; they are shared
+with :func:`cached_transformers.load_pretrained`, which also reads files of other layouts.
 """
 from __future__ import annotations
 
@@ -24,7 +27,11 @@ from timm.models.vision_transformer import VisionTransformer
 from ..grc import grc_layers
 from .pvt import PyramidVisionTransformer
 
-__all__ = ["load_checkpoint", "resize_cache_tensor"]
+__all__ = ["CheckpointMismatchError", "load_checkpoint", "resize_cache_tensor", "resize_caches", "resize_pos_embeds"]
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit the model; the message says which and what to do."""
 
 
 def resize_cache_tensor(cache: torch.Tensor, length: int) -> torch.Tensor:
@@ -62,6 +69,57 @@ def _pos_embed_targets(model: nn.Module) -> dict[str, tuple[tuple[int, int], int
     return targets
 
 
+def resize_caches(sd: dict[str, torch.Tensor], model: nn.Module, resize: bool) -> list[str]:
+    """Fit every GRC cache of ``sd`` (in place) to the model's length; returns the keys resized.
+
+    Raises:
+        CheckpointMismatchError: a length differs and ``resize`` is False, or a width D_m differs.
+    """
+    resized = []
+    for name, layer in grc_layers(model).items():
+        key = f"{name}.cache" if name else "cache"
+        if key not in sd:
+            continue
+        saved, want = sd[key], layer.cache
+        if saved.dim() != 3 or saved.shape[2] != want.shape[2]:
+            ratio = f" (r = {saved.shape[-1] / layer.dim:g})" if saved.dim() == 3 else ""
+            raise CheckpointMismatchError(
+                f"GRC cache width {tuple(saved.shape)} in the checkpoint but {tuple(want.shape)} in the model for "
+                f"{key}: the checkpoint was trained with another GRC ratio{ratio}, which cannot be resized; build the "
+                f"model with that ratio.")
+        if saved.shape[1] != want.shape[1]:
+            if not resize:
+                raise CheckpointMismatchError(
+                    f"GRC cache length {saved.shape[1]} in the checkpoint but {want.shape[1]} in the model for {key}; "
+                    f"pass resize_cache=True to resize it (nearest along tokens), or build the model with the "
+                    f"img_size the checkpoint was trained at.")
+            sd[key] = resize_cache_tensor(saved, want.shape[1])
+            resized.append(key)
+    return resized
+
+
+def resize_pos_embeds(sd: dict[str, torch.Tensor], model: nn.Module, resize: bool) -> list[str]:
+    """Resample (in place) absolute position embeddings of another grid (PVT v1, ViT); returns the keys.
+
+    The checkpoint's grid is taken to be square. Raises :class:`CheckpointMismatchError` when a
+    length differs and ``resize`` is False.
+    """
+    resized = []
+    params = dict(model.state_dict())
+    for key, (grid, prefix, mode, antialias) in _pos_embed_targets(model).items():
+        if key not in sd or key not in params or sd[key].shape == params[key].shape:
+            continue
+        saved, want = sd[key], params[key]
+        if not resize:
+            raise CheckpointMismatchError(
+                f"position embedding {key} has {saved.shape[1]} tokens in the checkpoint but {want.shape[1]} in the "
+                f"model (built for another input size); pass resize_pos_embed=True to resample it.")
+        sd[key] = resample_abs_pos_embed(saved, list(grid), num_prefix_tokens=prefix, interpolation=mode,
+                                         antialias=antialias)
+        resized.append(key)
+    return resized
+
+
 def load_checkpoint(model: nn.Module, state_dict: Mapping[str, Any] | str | os.PathLike, strict: bool = True,
                     resize_cache: bool = False, resize_pos_embed: bool = False) -> Any:
     """Load ``state_dict`` into ``model``, checking every GRC cache length first.
@@ -75,40 +133,16 @@ def load_checkpoint(model: nn.Module, state_dict: Mapping[str, Any] | str | os.P
         resize_pos_embed: resample absolute position embeddings of another grid (PVT v1, ViT) to the
             model's; the checkpoint's grid is taken to be square.
 
-    Returns ``load_state_dict``'s result (missing / unexpected keys).
+    Returns ``load_state_dict``'s result (missing / unexpected keys). For files of other layouts
+    (Lightning checkpoints, official PVT releases, a baseline's weights in a cached model) use
+    :func:`cached_transformers.load_pretrained`.
 
     Raises:
-        ValueError: a cache length differs and ``resize_cache`` is False, a cache width D_m differs
-            (the GRC ratio differs: not resizable), or a position embedding's length differs and
-            ``resize_pos_embed`` is False.
+        CheckpointMismatchError (a ``ValueError``): a cache length differs and ``resize_cache`` is False,
+            a cache width D_m differs (the GRC ratio differs: not resizable), or a position embedding's
+            length differs and ``resize_pos_embed`` is False.
     """
     sd = _unwrap(state_dict)
-    for name, layer in grc_layers(model).items():
-        key = f"{name}.cache" if name else "cache"
-        if key not in sd:
-            continue
-        saved = sd[key]
-        want = layer.cache
-        if saved.dim() != 3 or saved.shape[2] != want.shape[2]:
-            raise ValueError(
-                f"GRC cache width {tuple(saved.shape)} in the checkpoint but {tuple(want.shape)} in the model for "
-                f"{key}: the checkpoint was trained with another GRC ratio, the cache cannot be resized.")
-        if saved.shape[1] != want.shape[1]:
-            if not resize_cache:
-                raise ValueError(
-                    f"GRC cache length {saved.shape[1]} in the checkpoint but {want.shape[1]} in the model for {key}; "
-                    f"pass resize_cache=True to resize it (nearest along tokens), or build the model with the "
-                    f"img_size the checkpoint was trained at.")
-            sd[key] = resize_cache_tensor(saved, want.shape[1])
-    params = dict(model.state_dict())
-    for key, (grid, prefix, mode, antialias) in _pos_embed_targets(model).items():
-        if key not in sd or key not in params or sd[key].shape == params[key].shape:
-            continue
-        saved, want = sd[key], params[key]
-        if not resize_pos_embed:
-            raise ValueError(
-                f"position embedding {key} has {saved.shape[1]} tokens in the checkpoint but {want.shape[1]} in the "
-                f"model (built for another input size); pass resize_pos_embed=True to resample it.")
-        sd[key] = resample_abs_pos_embed(saved, list(grid), num_prefix_tokens=prefix, interpolation=mode,
-                                         antialias=antialias)
+    resize_caches(sd, model, resize_cache)
+    resize_pos_embeds(sd, model, resize_pos_embed)
     return model.load_state_dict(sd, strict=strict)

@@ -308,9 +308,11 @@ default_cfgs = generate_default_cfgs({f"pvt_{s}{g}": _cfg() for s in _SIZES for 
 
 
 def _create_pvt(variant: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
+    from .pretrained import grc_checkpoint_filter  # (imports this module)
+
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
-        PyramidVisionTransformer, variant, pretrained,
+        PyramidVisionTransformer, variant, pretrained, pretrained_filter_fn=grc_checkpoint_filter(),
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs)
 

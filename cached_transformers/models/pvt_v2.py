@@ -41,6 +41,7 @@ from timm.models import pvt_v2 as timm_pvt_v2
 from timm.models.pvt_v2 import PyramidVisionTransformerV2, checkpoint_filter_fn
 
 from ..grc import GRCAttention, GRCConfig
+from .pretrained import grc_checkpoint_filter
 from ._common import conv_out, grc_config_from, make_grc_layer, pair, project_model, wrap_block_attention
 
 __all__ = ["PvtV2GRCAttention", "PvtV2HostAttention", "add_grc_to_pvt_v2", "pvt_v2_stage_grids"]
@@ -123,7 +124,7 @@ def _create(arch: str, pretrained: bool, kwargs: dict[str, Any]) -> PyramidVisio
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
         partial(_build, cfg), f"pvt_v2_{arch}_grc", pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=grc_checkpoint_filter(checkpoint_filter_fn),
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
         **dict(_ARCHS[arch], **kwargs))
 

@@ -38,6 +38,7 @@ from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..grc import GRCAttention, GRCConfig
+from .pretrained import grc_checkpoint_filter
 from ._common import grc_config_from, make_grc_layer, project_model, wrap_block_attention
 
 __all__ = ["SwinGRCAttention", "add_grc_to_swin"]
@@ -101,6 +102,6 @@ def swin_tiny_patch4_window7_224_grc(pretrained: bool = False, **kwargs: Any) ->
     out_indices = merged.pop("out_indices", tuple(range(len(merged["depths"]))))
     return build_model_with_cfg(
         partial(_build, cfg), "swin_tiny_patch4_window7_224_grc", pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=grc_checkpoint_filter(checkpoint_filter_fn),
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
         **merged)

@@ -27,6 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn, init_weights_vit_timm
 
 from ..grc import GRCConfig
+from .pretrained import grc_checkpoint_filter
 from ._common import grc_config_from, make_grc_layer, project_model, wrap_block_attention
 
 __all__ = ["add_grc_to_vit"]
@@ -70,6 +71,6 @@ def vit_small_patch16_224_grc(pretrained: bool = False, **kwargs: Any) -> Vision
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
     return build_model_with_cfg(
         partial(_build, cfg), "vit_small_patch16_224_grc", pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=grc_checkpoint_filter(checkpoint_filter_fn),
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **dict(model_args, **kwargs))

@@ -356,6 +356,8 @@ def evaluate(cfg: DictConfig, cli_overrides: list[str] | None = None) -> dict[st
             if not any(o.startswith(f"data.{key}=") for o in (cli_overrides or [])) and key in stored.get("data", {}):
                 cfg.data[key] = stored["data"][key]
 
+    if cfg.get("model") is not None and cfg.model.get("pretrained") is not None:
+        cfg.model.pretrained = None  # the evaluated checkpoint's weights replace the run's start weights
     eval_dir = _eval_dir(cfg, ckpt_file)
     cfg = finalize_config(cfg, eval_dir)
     builder = get_method(str(cfg.task.builder))

@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from tasks.common.errors import ConfigError
+from tasks.common.models import load_pretrained
 from tasks.common.module import TaskModule
 
 from .models import GRC_DEFAULTS, LRAClassifier
@@ -53,9 +54,12 @@ def build_model(model_cfg: Mapping[str, Any], grc_cfg: Mapping[str, Any] | None,
 
     The GRC settings are ``GRC_DEFAULTS`` (reference preset, padding="valid", pos_encoding="none",
     r = 0.5) overridden by the ``grc`` group; ``grc=off`` (enabled: false) builds the baseline.
+    ``model.pretrained`` (a ListOps checkpoint or state_dict) is loaded with
+    :func:`tasks.common.models.load_pretrained`.
     """
     cfg = dict(model_cfg)
     name = str(cfg.pop("name", ""))
+    pretrained = cfg.pop("pretrained", None)  # model.pretrained: weights to start from
     unknown = sorted(set(cfg) - _MODEL_KEYS)
     if unknown:
         raise ConfigError(f"Unknown LRA model option(s) {unknown} in model '{name}'; valid: {sorted(_MODEL_KEYS)}.")
@@ -66,7 +70,9 @@ def build_model(model_cfg: Mapping[str, Any], grc_cfg: Mapping[str, Any] | None,
     for key in ("bigbird", "reformer"):
         if cfg.get(key) is not None:
             cfg[key] = dict(cfg[key])
-    return LRAClassifier(max_length=int(max_length), grc=grc, num_classes=NUM_CLASSES, **cfg)
+    model = LRAClassifier(max_length=int(max_length), grc=grc, num_classes=NUM_CLASSES, **cfg)
+    load_pretrained(model, pretrained)
+    return model
 
 
 class ListOpsClassifier(TaskModule):
