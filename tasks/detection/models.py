@@ -20,6 +20,7 @@ detections per image; contiguous labels.
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
@@ -33,7 +34,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
-from tasks.common.errors import ConfigError
+from tasks.common.errors import ConfigError, UserError
 from tasks.common.models import registered_models
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def build_backbone(model_cfg: Mapping[str, Any], grc_cfg: Mapping[str, Any] | No
         raise ConfigError(f"Unknown model '{name}' for detection; use a PVT backbone such as model=pvt_tiny or "
                           f"model=pvt_tiny_grc.")
     kwargs = dict(cfg.pop("kwargs", None) or {})
-    cfg.pop("pretrained", None)
+    pretrained = cfg.pop("pretrained", None)
     kwargs.update({k: v for k, v in cfg.items() if v is not None and k in ("drop_path_rate", "img_size", "drop_rate",
                                                                              "attn_drop_rate")})
     if name.endswith("_grc"):
@@ -151,7 +152,38 @@ def build_backbone(model_cfg: Mapping[str, Any], grc_cfg: Mapping[str, Any] | No
     if list(net.feature_info.reduction()) != [4, 8, 16, 32]:
         raise ConfigError(f"Model '{name}' gives features at strides {list(net.feature_info.reduction())}; detection "
                           f"needs four levels at strides 4/8/16/32 (a pyramid backbone such as model=pvt_tiny).")
+    init_backbone(net, pretrained)
     return net
+
+
+def init_backbone(net: nn.Module, pretrained: str | Mapping[str, Any] | None) -> Any:
+    """``model.pretrained`` for a detection backbone: the ImageNet weights (this project's ``.ckpt``, EMA
+    weights when present, or a plain / official PVT state_dict) loaded strictly into the feature extractor
+    (the classifier head and final norm it pruned are left out), every GRC cache reset to zeros (the
+    paper's rule); a cached backbone may start from its baseline's weights (GRC parts at their
+    initialisation, logged by the library). Returns the library's report (None without a file)."""
+    from cached_transformers import grc_layers
+
+    from tasks.common.models import load_pretrained
+
+    layers = grc_layers(net)
+    if not pretrained:
+        log.warning("Detection backbone starts from random weights (model.pretrained=null); the paper initialises "
+                    "it from the ImageNet model: pass model.pretrained=/path/to/imagenet/best.ckpt.")
+        return None
+    options = dict(pretrained) if isinstance(pretrained, Mapping) else {"path": str(pretrained)}
+    options.setdefault("reset_cache", True)
+    report = load_pretrained(net, options)
+    extra = [k for k in report.unused if not re.match(r"^(model\.)?(head|fc_norm|norm\d*)(\.|$)", k)]
+    if extra:  # e.g. a PVT-Small file for PVT-Tiny: its extra blocks would be dropped silently
+        raise UserError(f"model.pretrained: {options['path']} has tensors the {type(net).__name__} backbone does not "
+                        f"have ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}); pass the checkpoint of "
+                        f"the same model (the backbone's ImageNet run).")
+    zero = sum(1 for layer in layers.values() if not bool(layer.cache.abs().sum()))
+    log.info("Detection backbone initialised from %s: %d tensors loaded; %d GRC layers, caches zero in %d (at "
+             "their ImageNet length), %d GRC tensors left at their initialisation.", options["path"],
+             len(report.loaded), len(layers), zero, len(report.grc_initialised))
+    return report
 
 
 def retinanet_anchor_sizes(octave_base_scale: float = 4.0, scales_per_octave: int = 3,
