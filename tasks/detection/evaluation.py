@@ -2,7 +2,7 @@
 
 :class:`CocoResults` collects COCO result dicts per process (``image_id``, ``category_id``, xywh ``bbox``,
 ``score``, and ``segmentation`` RLE for masks) plus the ids of the images seen. :meth:`CocoResults.gather`
-merges all processes and drops the images a rank evaluated twice (a padded distributed sampler repeats
+merges all processes and keeps each image once (a padded distributed sampler repeats
 images; each image's results are kept from the first rank that has it). :func:`coco_metrics` runs
 ``COCOeval`` on the original annotation file for exactly the evaluated images and returns
 ``{bbox_mAP, bbox_mAP_50, bbox_mAP_75, bbox_mAP_s, bbox_mAP_m, bbox_mAP_l}`` (and ``segm_*``) in percent.
