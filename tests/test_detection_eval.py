@@ -1,7 +1,6 @@
 """COCO evaluation path: ground truth as results gives AP 1.0, perturbed results less; gathering counts each image once."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
