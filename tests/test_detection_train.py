@@ -116,7 +116,9 @@ def test_resume_is_exact_and_checkpoint_evaluates(shapes_root: Path, tmp_path: P
     full = run("full", 4)
     assert full["metrics"]["val/bbox_mAP"] >= 0 and "val/segm_mAP_75" in full["metrics"]
     run("split", 2)
-    resumed = run("split", 4, "ckpt_path=last")
+    # the same command resumes: the label map the task derives from the data is not part of the recipe
+    assert run("split", 2, "ckpt_path=last")["resumed_from"].endswith("last.ckpt")
+    resumed = run("split", 4, "ckpt_path=last", "resume_mismatch=allow")  # extends max_steps, a recipe key
     assert resumed["global_step"] == 4 and resumed["resumed_from"].endswith("last.ckpt")
     a = torch.load(tmp_path / "full" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(tmp_path / "split" / "run" / "checkpoints" / "last.ckpt", weights_only=False)

@@ -51,6 +51,9 @@ class TaskModule(pl.LightningModule):
         self._compiled = False  # compile.enabled applied (setup runs once per stage)
         self.last_val_step = -1  # global step of the last (non-sanity) validation
         self.lr_info: dict[str, float] = {}
+        # the recipe of the run as composed, set by the runner before the task fills in values derived
+        # from the data (ImageNet-22k's class count, COCO's label map); None: taken from cfg
+        self.recipe: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ optimizer and schedule
     def total_batch_size(self) -> int:
@@ -164,7 +167,7 @@ class TaskModule(pl.LightningModule):
                     f"{self.global_step}; the previous checkpoint is kept. Resume from it with ckpt_path=last "
                     f"and a lower task.optimizer.lr or trainer.gradient_clip_val.")
         checkpoint["rng_states"] = collect_rng_states()
-        checkpoint[RECIPE_KEY] = recipe_record(self.cfg)  # refuses resuming across recipes (fingerprint.py)
+        checkpoint[RECIPE_KEY] = self.recipe or recipe_record(self.cfg)  # refuses resuming across recipes
         if self._ema is not None:
             checkpoint["ema_state_dict"] = self._ema.state_dict()
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import LastCheckpoint
 from .errors import ConfigError, UserError
-from .fingerprint import check_resume, load_checkpoint_meta
+from .fingerprint import check_resume, load_checkpoint_meta, recipe_record
 from .loggers import ResumableCSVLogger
 from .rundir import archive_previous_run
 
@@ -312,7 +312,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     resume_step = prepare_resume(cfg, ckpt, run_dir)  # before the (slow) data scan: a refusal comes at once
     builder = get_method(str(cfg.task.builder))
+    recipe = recipe_record(cfg)  # as composed: the builder may fill in values derived from the data
     module, datamodule = builder(cfg)
+    module.recipe = recipe
     loggers = build_loggers(cfg, run_dir)
     for logger in loggers:
         if isinstance(logger, ResumableCSVLogger):
