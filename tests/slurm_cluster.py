@@ -12,7 +12,7 @@ delegate a cgroup tree, and nothing here needs CPU or memory confinement.
 
 Manual use (the same cluster for trying commands by hand)::
 
-    python tests/slurm_cluster.py /tmp/slurm      # prints `export SLURM_CONF=...`, Ctrl-C stops it
+    python tests/slurm_cluster.py /tmp/slurm      # prints `export SLURM_CONF=...`; Ctrl-C or kill stops it
 
 The Debian packages: ``bash scripts/ci/install_slurm.sh`` (what ``.ci/run`` calls).
 """
@@ -99,8 +99,15 @@ class LocalSlurm:
         os.chmod(r / "slurmdbd.conf", 0o600)
         (r / "cgroup.conf").write_text("# no cgroup plugin is configured in slurm.conf (see tests/slurm_cluster.py)\n"
                                       "IgnoreSystemd=yes\n")
+        # cred_expire: a requeued job waits this long before it may start again (SLURM's default: 120 s);
+        # sched_interval: the main scheduling loop every 2 s instead of 60 s (jobs start sooner);
+        # OverTimeLimit=1: a job is killed 1 minute after its time limit (the limit itself and the
+        # --signal timing stay as they are), so that the time-limit tests do not depend on how fast a
+        # loaded 2-core machine starts two DDP ranks (about 50 s here)
         (r / "slurm.conf").write_text(
-            auth + f"ClusterName={self.cluster}\nSlurmctldHost={self.node}(127.0.0.1)\nSlurmUser=root\n"
+            f"AuthType=auth/munge\nAuthInfo=socket={self.munge_socket},cred_expire=10\n"
+            "SchedulerParameters=sched_interval=2\n"
+            f"ClusterName={self.cluster}\nSlurmctldHost={self.node}(127.0.0.1)\nSlurmUser=root\n"
             f"SlurmctldPort={self.ctld_port}\nSlurmdPort={self.slurmd_port}\n"
             f"StateSaveLocation={r}/state\nSlurmdSpoolDir={r}/spool\n"
             f"SlurmctldPidFile={r}/run/slurmctld.pid\nSlurmdPidFile={r}/run/slurmd.pid\n"
@@ -110,7 +117,7 @@ class LocalSlurm:
             f"AccountingStoragePort={self.dbd_port}\nAccountingStoragePass={self.munge_socket}\nJobCompType=jobcomp/none\n"
             "SchedulerType=sched/backfill\nSelectType=select/cons_tres\nSelectTypeParameters=CR_CPU\n"
             "SlurmdParameters=config_overrides\nReturnToService=2\nMpiDefault=none\n"
-            "KillWait=10\nMinJobAge=600\nInactiveLimit=0\nWaittime=0\nSlurmctldDebug=info\nSlurmdDebug=info\n"
+            "KillWait=10\nOverTimeLimit=1\nMinJobAge=600\nInactiveLimit=0\nWaittime=0\nSlurmctldDebug=info\nSlurmdDebug=info\n"
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={_mem_mb()} State=UNKNOWN\n"
             f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP\n")
         self.env = {"SLURM_CONF": str(r / "slurm.conf")}
@@ -218,6 +225,8 @@ def _port_open(port: int) -> bool:
 
 if __name__ == "__main__":
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/ct-slurm")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops the cluster too
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # (also when started in the background)
     with LocalSlurm(root) as cluster:
         print(f"export SLURM_CONF={cluster.env['SLURM_CONF']}   # Ctrl-C stops the cluster", flush=True)
         try:

@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from . import requeue
 from .callbacks import LastCheckpoint
 from .errors import ConfigError, UserError
 from .loggers import ResumableCSVLogger
@@ -245,10 +246,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list[Logger] | bool,
     strategy = build_strategy(tcfg)
     tcfg["precision"] = resolve_precision(tcfg.get("precision", "auto"), str(tcfg.get("accelerator", "auto")))
     plugins = list(tcfg.pop("plugins", None) or [])
-    slurm = cfg.get("slurm") or {}
-    if SLURMEnvironment.detect():
-        sig = getattr(signal, str(slurm.get("requeue_signal", "SIGUSR1")))
-        plugins.append(SLURMEnvironment(auto_requeue=bool(slurm.get("auto_requeue", True)), requeue_signal=sig))
+    if SLURMEnvironment.detect():  # ranks from SLURM; requeue is tasks.common.requeue's (not Lightning's)
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     from lightning.pytorch.callbacks import Checkpoint
 
     # no hidden default ModelCheckpoint: checkpoints are exactly the configured callbacks
@@ -272,6 +271,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Build the task, fit, and return ``{"metrics": {...}, "run_dir": ..., "wall_s": ...}``."""
     start = time.time()
     single_log_stream()
+    requeue.catch_early(cfg)
     run_dir = resolve_run_dir(cfg)
     cfg = finalize_config(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -306,6 +306,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     last = [cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)]
     for cb in last:
         if cb.received_signal is not None:
+            requeue.requeue_after_stop(cfg, cb.received_signal, trainer)
             raise StoppedBySignal(cb.received_signal, cb.path)
     if sigterm:
         raise StoppedBySignal(int(signal.SIGTERM), None)
