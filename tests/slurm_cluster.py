@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 BINARIES = ("munged", "mariadbd", "mariadb-install-db", "slurmdbd", "slurmctld", "slurmd", "sbatch", "sacct",
-            "sacctmgr", "scontrol", "squeue")
+            "sacctmgr", "scontrol", "squeue", "scancel", "sinfo", "mungekey")
 SBIN_DIRS = ("/usr/sbin", "/usr/bin", "/sbin")
 CPUS = 8
 
@@ -192,14 +192,26 @@ class LocalSlurm:
             self._wait("slurmctld", lambda: self.run(which("scontrol"), "ping", check=False).returncode == 0)
             self._start("slurmd", [which("slurmd"), "-D", "-f", str(r / "slurm.conf"), "-N", self.node])
             self._wait("the node to be idle", lambda: "idle" in self.run(
-                which("sinfo") or "sinfo", "-h", "-N", "-o", "%T", check=False).stdout)
+                which("sinfo"), "-h", "-N", "-o", "%T", check=False).stdout)
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
-        """SIGTERM each started daemon (newest first), SIGKILL what is still alive after 15 s."""
+        """Cancel every job (job steps outlive slurmd), then SIGTERM each started daemon (newest first),
+        SIGKILL what is still alive after 15 s."""
+        if any(name == "slurmctld" and proc.poll() is None for name, proc in self.procs):
+            try:
+                ids = self.run(which("squeue"), "-h", "-o", "%A", check=False, timeout=20).stdout.split()
+                if ids:
+                    self.run(which("scancel"), *ids, check=False, timeout=20)
+                    deadline = time.time() + 30
+                    while time.time() < deadline and self.run(which("squeue"), "-h", "-o", "%A", check=False,
+                                                              timeout=20).stdout.strip():
+                        time.sleep(1)
+            except (subprocess.SubprocessError, OSError):
+                pass
         for name, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

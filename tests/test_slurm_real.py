@@ -3,7 +3,7 @@ reason, where the Debian packages or root are missing; ``.ci/run`` installs them
 
 * a two-job paper sweep through ``scripts/sweep.py --detach`` with the SLURM CPU launcher: the
   command returns after submitting, ``--status`` lists the jobs, ``scripts/compare.py`` collects them;
-* a job that hits its time limit (1 minute, the smallest SLURM has; ``--signal=USR1@1``) while
+* a job that hits its time limit (2 minutes, see ``LIMIT_MIN``; ``--signal=USR1@1``) while
   training: the framework saves ``last.ckpt`` at a step boundary and requeues it itself
   (``scontrol requeue``), SLURM restarts it, it resumes, and the run ends exactly like an
   uninterrupted one (same metrics.csv, same final weights); the blocking launcher waits through the
@@ -43,6 +43,11 @@ TINY = ["data=standin", "data.img_size=32", "data.batch_size=8", "data.num_worke
         "data.persistent_workers=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "trainer.num_sanity_val_steps=0"]
 SLURM_CPU = ["hydra/launcher=slurm_cpu", "hydra.launcher.mem_gb=1", "hydra.launcher.cpus_per_task=1"]
+# The time limit of the first attempt. SLURM's own minimum is 1 minute, but its limit and signal checks
+# run every 30 s, so with 1 minute the signal may come 29 s after the start, while two DDP ranks were
+# still starting up on a loaded 2-core machine (measured: about 50 s); the run then stops before its
+# first step and the resume would start from step 0. 2 minutes make the signal land mid-training.
+LIMIT_MIN = 2
 
 
 class SlowFirstAttempt(pl.Callback if pl is not None else object):  # type: ignore[misc]
@@ -113,7 +118,8 @@ def _step_metrics(metrics_csv: Path) -> list[tuple]:
     return out
 
 
-def test_detached_two_job_sweep_status_and_compare(cluster: LocalSlurm, standin: Path, tmp_path: Path) -> None:
+def test_detached_two_job_sweep_status_and_compare(cluster: LocalSlurm, standin: Path, tmp_path: Path,
+                                                   time_limited_jobs: dict[str, dict]) -> None:
     env = _env(cluster)
     sweep = [sys.executable, "scripts/sweep.py", "--table", "1", "--rows", "pvt_tiny", "--seeds", "0",
              "--launcher", "slurm_cpu", "--detach", *TINY, f"data.root={standin}", "trainer=cpu",
@@ -154,7 +160,7 @@ def _launch_time_limited(cluster: LocalSlurm, standin: Path, out: Path, trainer:
     log = out / "launcher.log"
     out.mkdir(parents=True, exist_ok=True)
     launcher = subprocess.Popen(
-        [sys.executable, "train.py", "-m", *train, *SLURM_CPU, "hydra.launcher.timeout_min=1",
+        [sys.executable, "train.py", "-m", *train, *SLURM_CPU, f"hydra.launcher.timeout_min={LIMIT_MIN}",
          "hydra.launcher.signal_delay_s=1", "ckpt_path=last", "sweep_name=tl", f"paths.multirun_dir={out}",
          "hydra.sweep.subdir=job", "+callbacks.slow._target_=test_slurm_real.SlowFirstAttempt"],
         cwd=REPO, env=_env(cluster), stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -162,46 +168,54 @@ def _launch_time_limited(cluster: LocalSlurm, standin: Path, out: Path, trainer:
 
 
 @pytest.fixture(scope="module")
-def time_limited(cluster: LocalSlurm, standin: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """A single-process and a 2-rank DDP job (1-minute limit), submitted together; the same runs without
-    SLURM (the references) while they wait. Each job's time limit is raised once it was requeued."""
+def time_limited_jobs(cluster: LocalSlurm, standin: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A single-process and a 2-rank DDP job (LIMIT_MIN limit), submitted together as early as possible
+    (the sweep test asks for this fixture, so both run while it runs)."""
     root = tmp_path_factory.mktemp("time_limit")
     runs = {t: _launch_time_limited(cluster, standin, root / t, t) for t in ("cpu", "ddp_sim")}
     try:
-        deadline = time.time() + 400
-        while time.time() < deadline and any(r["job"] is None for r in runs.values()):
-            for t, r in runs.items():
-                ids = (r["out"] / "tl" / "slurm_jobs.tsv")
-                if r["job"] is None and ids.is_file() and len(ids.read_text().splitlines()) > 1:
-                    job = ids.read_text().splitlines()[1].split("\t")[0]
-                    if "REQUEUED" in [row[1] for row in _sacct(cluster, "-D", "-j", job, "-o", "JobID,State")]:
-                        cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=5")
-                        r["job"] = job
-            if any(r["launcher"].poll() is not None and r["job"] is None for r in runs.values()):
-                break
-            time.sleep(1)
-        for t, r in runs.items():  # while the resumed attempts run
-            r["ref"] = subprocess.run([sys.executable, "train.py", *r["train"], f"paths.output_dir={r['out'] / 'ref'}",
-                                       "run_name=ref"], cwd=REPO, env=_env(cluster), capture_output=True, text=True,
-                                      timeout=400)
-        for r in runs.values():
-            try:
-                r["launcher"].wait(timeout=max(deadline - time.time(), 1) + 200)
-            except subprocess.TimeoutExpired:
-                pass
-            if r["job"] is not None:  # the launcher returns with the result; the step may still be ending
-                for _ in range(30):
-                    states = [row[1] for row in _sacct(cluster, "-D", "-j", r["job"], "-o", "JobID,State")]
-                    if states and states[-1] not in ("RUNNING", "COMPLETING", "PENDING"):
-                        break
-                    time.sleep(1)
-                r["states"] = states
         yield runs
     finally:
         for r in runs.values():
             if r["launcher"].poll() is None:
                 r["launcher"].kill()
                 r["launcher"].wait()
+
+
+@pytest.fixture(scope="module")
+def time_limited(cluster: LocalSlurm, time_limited_jobs: dict[str, dict]) -> dict[str, dict]:
+    """Waits for both jobs: each job's time limit is raised once it was requeued; the same runs without
+    SLURM (the references) run while the resumed attempts do."""
+    runs = time_limited_jobs
+    deadline = time.time() + 400
+    while time.time() < deadline and any(r["job"] is None for r in runs.values()):
+        for t, r in runs.items():
+            ids = (r["out"] / "tl" / "slurm_jobs.tsv")
+            if r["job"] is None and ids.is_file() and len(ids.read_text().splitlines()) > 1:
+                job = ids.read_text().splitlines()[1].split("\t")[0]
+                if "REQUEUED" in [row[1] for row in _sacct(cluster, "-D", "-j", job, "-o", "JobID,State")]:
+                    cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=5")
+                    r["job"] = job
+        if any(r["launcher"].poll() is not None and r["job"] is None for r in runs.values()):
+            break
+        time.sleep(1)
+    for t, r in runs.items():  # while the resumed attempts run
+        r["ref"] = subprocess.run([sys.executable, "train.py", *r["train"], f"paths.output_dir={r['out'] / 'ref'}",
+                                   "run_name=ref"], cwd=REPO, env=_env(cluster), capture_output=True, text=True,
+                                  timeout=400)
+    for r in runs.values():
+        try:
+            r["launcher"].wait(timeout=max(deadline - time.time(), 1) + 200)
+        except subprocess.TimeoutExpired:
+            pass
+        if r["job"] is not None:  # the launcher returns with the result; the step may still be ending
+            for _ in range(30):
+                states = [row[1] for row in _sacct(cluster, "-D", "-j", r["job"], "-o", "JobID,State")]
+                if states and states[-1] not in ("RUNNING", "COMPLETING", "PENDING"):
+                    break
+                time.sleep(1)
+            r["states"] = states
+    return runs
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "ddp_sim"])

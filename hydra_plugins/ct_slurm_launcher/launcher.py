@@ -22,11 +22,11 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurmLauncher
 
 from tasks.common import requeue
+from tasks.paper.sweep_status import JOBS_FILE  # one name for the writer (here) and the reader
 
 log = logging.getLogger(__name__)
 
 DETACH_ENV = "CT_SLURM_DETACH"
-from tasks.paper.sweep_status import JOBS_FILE  # noqa: E402  (one name for writer and reader)
 
 
 class _Submitted(Exception):

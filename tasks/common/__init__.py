@@ -2,10 +2,11 @@
 
 ``errors`` user-facing errors; ``seeding`` deterministic randomness; ``data`` resumable samplers and
 loader; ``optim`` parameter groups, lr scaling, schedules; ``module`` the base LightningModule;
-``ema`` EMA with cache copying; ``callbacks`` last.ckpt owner and GRC logging; ``models`` timm model
+``ema`` EMA with cache copying; ``callbacks`` last.ckpt owner and GRC logging; ``requeue`` SLURM
+stop-and-requeue; ``models`` timm model
 factory; ``runner`` train/evaluate; ``cli`` command-line guards.
 
-Importing this package only registers two OmegaConf resolvers, kept light on purpose:
+Importing this package only registers three OmegaConf resolvers, kept light on purpose:
 ``${ct_or:a,b}`` = a, or b when a is empty; ``${ct_job_dir:override_dirname,job_num}`` = the sweep
 job's directory name: the override string with ``/`` replaced by ``_`` (``experiment=paper/...`` must
 not nest directories), or ``job<num>`` when it is empty or too long for a file name (255 bytes);

@@ -46,6 +46,15 @@ def slurm_job_id(env: dict[str, str] | None = None) -> str | None:
     return env.get("SLURM_JOB_ID") or None
 
 
+def restarted(env: dict[str, str] | None = None) -> bool:
+    """True in a SLURM job that was requeued (``SLURM_RESTART_COUNT`` > 0): resume, never start over."""
+    env = os.environ if env is None else env
+    try:
+        return int(env.get("SLURM_RESTART_COUNT") or 0) > 0
+    except ValueError:
+        return False
+
+
 def requeue_signal(cfg: Any) -> int | None:
     """The signal that asks for a requeue in this run, or None (outside SLURM, or auto_requeue off)."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment

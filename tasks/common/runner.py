@@ -114,7 +114,7 @@ def _hpc_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_ckpt_path(value: Any, run_dir: Path) -> str | None:
-    """``null`` (fresh; under SLURM the newest requeue checkpoint), ``last``, ``best`` or a path.
+    """``null`` (fresh; in a requeued SLURM job the same as ``last``), ``last``, ``best`` or a path.
 
     ``last`` picks the newest of ``checkpoints/last.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt``; when the
     run has none yet, training starts from scratch (so ``ckpt_path=last`` can always be passed).
@@ -122,7 +122,7 @@ def resolve_ckpt_path(value: Any, run_dir: Path) -> str | None:
     if _is_ddp_child() and os.environ.get(CKPT_ENV) is not None:
         return os.environ[CKPT_ENV] or None
     if value in (None, "", "null", "none"):
-        if SLURMEnvironment.detect() and _hpc_checkpoints(run_dir):
+        if SLURMEnvironment.detect() and (_hpc_checkpoints(run_dir) or requeue.restarted()):
             value = "last"
         else:
             return None
