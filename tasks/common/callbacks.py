@@ -51,6 +51,7 @@ class LastCheckpoint(Checkpoint):
         self.received_signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._last_saved_step = -1
+        self._stopped = False  # a signal stopped training (not only arrived)
 
     @property
     def path(self) -> Path:
@@ -78,10 +79,10 @@ class LastCheckpoint(Checkpoint):
             self.received_signal = agreed
             self._stop(trainer)
 
-    @staticmethod
-    def _stop(trainer: pl.Trainer) -> None:
+    def _stop(self, trainer: pl.Trainer) -> None:
         """End fit after this step without the validation Lightning runs on ``should_stop``: the time
         before SLURM's kill is for the checkpoint and the requeue (a full validation may not fit)."""
+        self._stopped = True
         trainer.should_stop = True
         trainer.limit_val_batches = 0
 
@@ -91,12 +92,16 @@ class LastCheckpoint(Checkpoint):
             self.received_signal = early
         for sig in sorted({int(signal.SIGTERM), int(signal.SIGUSR1), *requeue.installed_signals()}):
             current = signal.getsignal(sig)
-            if current in (signal.SIG_DFL, signal.SIG_IGN, None) or requeue.is_early_handler(current):
-                current = None
+            if current in (signal.SIG_DFL, signal.SIG_IGN, None):
+                current = None  # (the start-up handler stays: a signal after fit must not kill the run)
             self._previous_handlers[sig] = current
             signal.signal(sig, self._on_signal)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.received_signal is not None and not self._stopped:  # fit ran to its end after the signal
+            log.warning("%s arrived after the last training step: the run has finished, nothing to stop.",
+                        signal.Signals(self.received_signal).name)
+            self.received_signal = None
         for sig, handler in self._previous_handlers.items():
             if signal.getsignal(sig) == self._on_signal:
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
@@ -110,6 +115,7 @@ class LastCheckpoint(Checkpoint):
             return
         if self.received_signal is None:
             self.received_signal = int(signal.SIGTERM)
+        self._stopped = True
         if self._last_saved_step != trainer.global_step and not trainer.sanity_checking:
             try:
                 self.save(trainer)
