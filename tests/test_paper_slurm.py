@@ -1,4 +1,6 @@
-"""SLURM launching through Hydra's submitit launcher, against fake SLURM commands.
+"""SLURM launching through Hydra's submitit launcher, against fake SLURM commands (fast, no daemons):
+what each preset puts into the sbatch script. The real path (time limit, requeue, resume, DDP) is in
+tests/test_slurm_real.py, against a real SLURM.
 
 ``tests/fake_sbatch/`` holds fake ``sbatch`` (records the script and arguments into
 ``$FAKE_SLURM_DIR`` and prints ``Submitted batch job 1234``), ``sacct`` (reports every job FAILED so
@@ -9,11 +11,9 @@ the submitit pickles (the command line every job will run).
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -26,30 +26,6 @@ FAKE = REPO / "tests" / "fake_sbatch"
 sys.path.insert(0, str(REPO))
 
 from tasks.paper.sweep import SweepError, build_sweep_command, launcher_resources, paper_experiments  # noqa: E402
-
-try:
-    import lightning.pytorch as pl
-except ImportError:  # pragma: no cover
-    pl = None
-
-
-class RequeueProbe(pl.Callback if pl is not None else object):  # type: ignore[misc]
-    """Plays SLURM inside a job: SIGUSR1 (the pre-timeout signal) at step 1, then a hard kill at step 2.
-
-    Does nothing once ``marker`` exists, so the requeued run trains normally.
-    """
-
-    def __init__(self, marker: str) -> None:
-        self.marker = Path(marker)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        if self.marker.exists():
-            return
-        if trainer.global_step == 1:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        elif trainer.global_step == 2:
-            self.marker.write_text("killed")
-            os._exit(9)  # the time limit: no cleanup, no checkpoint
 
 
 def _submit(tmp_path: Path, args: list[str], n_jobs: int = 2, extra_env: dict[str, str] | None = None
@@ -117,7 +93,7 @@ def test_slurm_8gpu_two_job_sweep_sbatch_lines(tmp_path: Path) -> None:
     assert flags["time"] == "2880"
     assert flags["partition"] == "gpu-test"              # from $SBATCH_PARTITION
     assert flags["account"] == "proj42"
-    assert flags["signal"] == "USR1@120"                 # Lightning's requeue signal, not submitit's USR2
+    assert flags["signal"] == "USR1@120"                 # the framework's requeue signal, not submitit's USR2
     assert flags["requeue"] == "true"
     assert "qos" not in flags and "constraint" not in flags
     assert "srun" in scripts[0] and "submitit.core._submit" in scripts[0]
@@ -152,7 +128,42 @@ def test_slurm_1gpu_defaults(tmp_path: Path) -> None:
     assert flags["signal"] == "USR1@120" and flags["time"] == "1440"
 
 
+def test_slurm_cpu_tasks_follow_devices_and_no_gpu_line(tmp_path: Path) -> None:
+    """CPU jobs: no --gpus-per-node, one task per trainer.devices (2-rank DDP over gloo)."""
+    scripts, output, _ = _submit(tmp_path, ["seed=0,1", "sweep_name=cpu", "hydra/launcher=slurm_cpu", "trainer=ddp_sim"])
+    assert len(scripts) == 1, output[-3000:]
+    flags = _sbatch(scripts[0])
+    assert "gpus-per-node" not in flags and "gres" not in flags
+    assert (flags["nodes"], flags["ntasks-per-node"], flags["cpus-per-task"]) == ("1", "2", "2")
+    assert flags["signal"] == "USR1@120" and flags["requeue"] == "true"
+
+
+def test_zero_gpus_gives_one_task_per_device_not_zero(tmp_path: Path) -> None:
+    scripts, output, _ = _submit(tmp_path, ["seed=0,1", "sweep_name=zero", "hydra/launcher=slurm_1gpu",
+                                            "hydra.launcher.gpus_per_node=0", "trainer=cpu"])
+    assert len(scripts) == 1, output[-3000:]
+    assert _sbatch(scripts[0])["ntasks-per-node"] == "1"
+
+
+def test_sweep_dry_run_prints_the_resources(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "scripts/sweep.py", "--table", "1", "--rows", "pvt_tiny", "--seeds", "0",
+                           "--launcher", "slurm_8gpu", "--dry-run", "hydra.launcher.mem_gb=200"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, SBATCH_PARTITION="gpu-test", SBATCH_ACCOUNT="proj42"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1] == ("SLURM per job: partition=gpu-test account=proj42 nodes=1 tasks/node=8 "
+                                           "CPUs/task=10 memory=200 GB/node GPUs/node=8 time=2880 min")
+    local = subprocess.run([sys.executable, "scripts/sweep.py", "--table", "1", "--launcher", "local", "--detach",
+                            "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert local.returncode == 2 and "--detach needs a SLURM launcher" in local.stderr
+    missing = subprocess.run([sys.executable, "scripts/sweep.py", "--status", str(tmp_path)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "slurm_jobs.tsv does not exist" in missing.stderr
+
+
 def test_launcher_resources_follow_the_defaults_chain() -> None:
+    assert launcher_resources("slurm_cpu") == (0, 1)
+    assert launcher_resources("slurm_1gpu", ["hydra.launcher.gpus_per_node=null"]) == (0, 1)
     assert launcher_resources("slurm_1gpu") == (1, 1)
     assert launcher_resources("slurm_8gpu") == (8, 1)
     assert launcher_resources("slurm_multinode") == (8, 2)
@@ -173,44 +184,16 @@ def test_sweep_unknown_table_lists_tables_with_experiments() -> None:
         build_sweep_command("one")
 
 
-@pytest.mark.slow
-def test_requeue_is_owned_by_lightning_and_resumes(tmp_path: Path) -> None:
-    """Submit a two-job array (fake sbatch), then run task 0 twice the way SLURM would (submitit's entry point,
-    SLURM variables set): the first run gets SIGUSR1 and is killed; Lightning must have written
-    hpc_ckpt_1.ckpt and called `scontrol requeue`; the second run must resume from that file."""
-    standin = REPO / "data" / "standin"
-    if not (standin / "val").is_dir():
-        subprocess.run([sys.executable, "scripts/make_standin_imagenet.py", "--out", str(standin)], cwd=REPO,
-                       check=True)
-    marker = tmp_path / "killed_once"
-    scripts, output, sweep = _submit(tmp_path, [
-        "seed=0,1", "sweep_name=rq", "ckpt_path=last", "hydra/launcher=slurm_1gpu", "trainer.devices=1",
-        "trainer.num_nodes=1", "data=standin", "model=pvt_tiny_grc", "data.img_size=32", "data.batch_size=8",
-        "data.num_workers=0", "data.persistent_workers=false", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
-        "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false", "hydra.sweep.subdir=job${hydra.job.num}",
-        "+callbacks.probe._target_=test_paper_slurm.RequeueProbe",
-        f"+callbacks.probe.marker={marker}"], n_jobs=2)
-    assert len(scripts) == 1, output[-3000:]
-    folder = next(sweep.rglob("1234_0_submitted.pkl")).parent.parent / "%j"
-    slurm_env = {"SLURM_JOB_ID": "1234", "SLURM_ARRAY_JOB_ID": "1234", "SLURM_ARRAY_TASK_ID": "0",
-                 "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_NUM_NODES": "1",
-                 "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NAME": "train",
-                 "SLURM_JOB_NODELIST": "localhost", "SLURM_NODELIST": "localhost", "SUBMITIT_EXECUTOR": "slurm"}
-    env = dict(os.environ, **slurm_env, PATH=f"{FAKE}{os.pathsep}{os.environ['PATH']}",
-               FAKE_SLURM_DIR=str(tmp_path / "sbatch_calls"), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
-    job = [sys.executable, "-u", "-m", "submitit.core._submit", str(folder)]
-    first = subprocess.run(job, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 9 and marker.exists(), first.stdout[-3000:] + first.stderr[-3000:]
-    (run_dir,) = [p.parent.parent for p in (sweep / "rq").rglob(".hydra/config.yaml")]
-    assert sorted(p.name for p in run_dir.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
-    assert (tmp_path / "sbatch_calls" / "scontrol.log").read_text().split() == ["requeue", "1234_0"]
-    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
-    second = subprocess.run(job, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    result = json.loads((run_dir / "results.json").read_text())
-    assert result["resumed_from"] == str(run_dir / "hpc_ckpt_1.ckpt")
-    assert result["global_step"] == 4
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert (tmp_path / "sbatch_calls" / "scontrol.log").read_text().count("requeue") == 1
+def test_requeue_helpers_read_the_slurm_environment() -> None:
+    import signal
+
+    from hydra_plugins.ct_slurm_launcher.launcher import requeue_signal_of
+    from tasks.common import requeue
+
+    assert requeue.slurm_job_id({"SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3"}) == "70_3"
+    assert requeue.slurm_job_id({"SLURM_JOB_ID": "77"}) == "77"
+    assert requeue.slurm_job_id({}) is None
+    assert requeue.restarted({"SLURM_RESTART_COUNT": "1"}) and not requeue.restarted({})
+    assert requeue_signal_of({"additional_parameters": {"signal": "USR1@120"}}) == signal.SIGUSR1
+    assert requeue_signal_of({"additional_parameters": {"signal": "B:USR2@60"}}) == signal.SIGUSR2
+    assert requeue_signal_of({}) == signal.SIGUSR1

@@ -203,16 +203,17 @@ def test_sweep_table8_runs_pretraining_then_fine_tuning() -> None:
 
     pre = sweep("--stage", "pretrain", "data.root=/in22k")
     assert pre.returncode == 0, pre.stderr
-    assert pre.stdout.split()[1:] == [
+    assert pre.stdout.splitlines()[0].split()[1:] == [
         "train.py", "-m", "experiment=pretrain/in22k_swin_t_baseline,pretrain/in22k_swin_t_cached", "seed=0",
         "sweep_name=table8_pretrain", "ckpt_path=last", "hydra/launcher=slurm_8gpu", "trainer.devices=8",
         "trainer.num_nodes=1", "data.root=/in22k"]
     ft = sweep("in22k_checkpoints.baseline=/b.ckpt", "in22k_checkpoints.cached=/c.ckpt")
     assert ft.returncode == 0, ft.stderr
-    assert ft.stdout.split()[1:] == [
+    assert ft.stdout.splitlines()[0].split()[1:] == [
         "train.py", "-m", "experiment=paper/table8_swin_t_baseline,paper/table8_swin_t_cached", "seed=0,1,2",
         "sweep_name=table8", "ckpt_path=last", "hydra/launcher=slurm_8gpu", "trainer.devices=8", "trainer.num_nodes=1",
         "in22k_checkpoints.baseline=/b.ckpt", "in22k_checkpoints.cached=/c.ckpt"]
+    assert ft.stdout.splitlines()[1].startswith("SLURM per job:")  # the resources each job asks for
     missing = sweep("in22k_checkpoints.cached=/c.ckpt")
     assert missing.returncode == 2 and missing.stdout == ""
     assert missing.stderr.strip() == (

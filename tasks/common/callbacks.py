@@ -1,15 +1,14 @@
 """Callbacks shared by the tasks: the ``last.ckpt`` owner (periodic, end-of-epoch, on signals) and GRC logging.
 
-Who owns what when a job is stopped:
+What happens when a job is stopped (one path for one process or many):
 
-* Under SLURM (``SLURMEnvironment`` detected and ``slurm.auto_requeue=true``) Lightning's
-  ``SLURMEnvironment`` is the one component that requeues: on the requeue signal (SIGUSR1 by default,
-  ask SLURM for it with ``--signal=USR1@120``) it writes ``<run_dir>/hpc_ckpt_<n>.ckpt`` and calls
-  ``scontrol requeue``; the restarted job resumes from that file. :class:`LastCheckpoint` then leaves
-  SIGUSR1 alone and never requeues.
-* Everywhere else :class:`LastCheckpoint` handles SIGTERM and SIGUSR1: at the end of the current
-  training step it writes ``last.ckpt`` and stops the trainer; ``train.py`` exits with status
+* :class:`LastCheckpoint` handles SIGTERM and SIGUSR1 (and the SLURM requeue signal): the handler
+  only sets a flag; at the next optimizer-step boundary all ranks agree on it (one all-reduce), write
+  one consistent ``last.ckpt`` and stop the trainer together. ``train.py`` exits with status
   128 + signal number and says how to resume (``ckpt_path=last``).
+* Under SLURM, when the signal is the requeue signal (``slurm.requeue_signal``, SIGUSR1),
+  :mod:`tasks.common.requeue` then runs ``scontrol requeue`` from rank 0 after ``fit`` returned; the
+  restarted job resumes from that ``last.ckpt``. Lightning's own SLURM requeue is off.
 
 ``last.ckpt`` is written atomically (temporary file, then rename), so a kill during the write leaves
 the previous one intact.
@@ -25,20 +24,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+from . import requeue
 
 log = logging.getLogger(__name__)
 
 
-def slurm_requeue_active(trainer: pl.Trainer) -> bool:
-    """True when Lightning's SLURMEnvironment with auto-requeue owns the requeue signal."""
-    env = trainer._accelerator_connector.cluster_environment
-    return isinstance(env, SLURMEnvironment) and bool(env.auto_requeue)
-
-
 class LastCheckpoint(Checkpoint):
     """Owns ``<dirpath>/last.ckpt``: every N training steps, at the last step, at each epoch end and on
-    SIGTERM/SIGUSR1 (outside SLURM requeue).
+    SIGTERM/SIGUSR1 (also under SLURM, where the requeue follows the save: :mod:`tasks.common.requeue`).
 
     A ``Checkpoint`` callback, so Lightning runs it after the other callbacks of each hook.
 
@@ -57,6 +51,7 @@ class LastCheckpoint(Checkpoint):
         self.received_signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._last_saved_step = -1
+        self._stopped = False  # a signal stopped training (not only arrived)
 
     @property
     def path(self) -> Path:
@@ -77,17 +72,36 @@ class LastCheckpoint(Checkpoint):
         if not self.handle_signals:
             return
         import threading
-        if threading.current_thread() is not threading.main_thread():
-            return
-        signals = [signal.SIGTERM]
-        if not slurm_requeue_active(trainer):
-            signals.append(signal.SIGUSR1)
-        for sig in signals:
+        if threading.current_thread() is threading.main_thread():
+            self._install_handlers()
+        agreed = self._signal_everywhere(trainer)
+        if agreed is not None:  # signalled during start-up: stop before the first step (nothing new to save)
+            self.received_signal = agreed
+            self._stop(trainer)
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        """End fit after this step without the validation Lightning runs on ``should_stop``: the time
+        before SLURM's kill is for the checkpoint and the requeue (a full validation may not fit)."""
+        self._stopped = True
+        trainer.should_stop = True
+        trainer.limit_val_batches = 0
+
+    def _install_handlers(self) -> None:
+        early = requeue.take_pending()  # a requeue signal that arrived during start-up
+        if early is not None and self.received_signal is None:
+            self.received_signal = early
+        for sig in sorted({int(signal.SIGTERM), int(signal.SIGUSR1), *requeue.installed_signals()}):
             current = signal.getsignal(sig)
-            self._previous_handlers[sig] = current if current not in (signal.SIG_DFL, signal.SIG_IGN, None) else None
+            if current in (signal.SIG_DFL, signal.SIG_IGN, None):
+                current = None  # (the start-up handler stays: a signal after fit must not kill the run)
+            self._previous_handlers[sig] = current
             signal.signal(sig, self._on_signal)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.received_signal is not None and not self._stopped:  # fit ran to its end after the signal
+            log.warning("%s arrived after the last training step: the run has finished, nothing to stop.",
+                        signal.Signals(self.received_signal).name)
+            self.received_signal = None
         for sig, handler in self._previous_handlers.items():
             if signal.getsignal(sig) == self._on_signal:
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
@@ -101,6 +115,7 @@ class LastCheckpoint(Checkpoint):
             return
         if self.received_signal is None:
             self.received_signal = int(signal.SIGTERM)
+        self._stopped = True
         if self._last_saved_step != trainer.global_step and not trainer.sanity_checking:
             try:
                 self.save(trainer)
@@ -108,11 +123,13 @@ class LastCheckpoint(Checkpoint):
                 log.exception("Could not save %s after %s", self.path, type(exception).__name__)
         self.teardown(trainer, pl_module, "fit")
 
-    def _signal_everywhere(self, trainer: pl.Trainer) -> bool:
-        flag = self.received_signal is not None
+    def _signal_everywhere(self, trainer: pl.Trainer) -> int | None:
+        """The signal any rank received (the highest number when they differ), agreed by all ranks."""
+        signum = self.received_signal or 0
         if trainer.world_size > 1:
-            flag = trainer.strategy.reduce_boolean_decision(flag, all=False)
-        return bool(flag)
+            flag = torch.tensor(signum, dtype=torch.int32, device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(flag, reduce_op="max"))
+        return signum or None
 
     # ------------------------------------------------------------------ saving
     def save(self, trainer: pl.Trainer) -> None:
@@ -128,16 +145,25 @@ class LastCheckpoint(Checkpoint):
                            batch: Any, batch_idx: int) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
-        stop = self._signal_everywhere(trainer) if self.handle_signals else False
+        agreed = self._signal_everywhere(trainer) if self.handle_signals else None
+        # mid gradient accumulation: stop after the optimizer step (the flag stays set until then)
+        stop = agreed is not None and self._at_optimizer_step(trainer, batch_idx)
         step = trainer.global_step
         periodic = self.every_n_train_steps and step % self.every_n_train_steps == 0
         at_end = trainer.max_steps is not None and trainer.max_steps > 0 and step >= trainer.max_steps
         if (stop or periodic or at_end) and step != self._last_saved_step:
             self.save(trainer)
         if stop:
-            if self.received_signal is None:  # another rank got the signal
-                self.received_signal = int(signal.SIGTERM)
-            trainer.should_stop = True
+            self.received_signal = agreed  # the same on every rank (another rank may have got it)
+            self._stop(trainer)
+
+    @staticmethod
+    def _at_optimizer_step(trainer: pl.Trainer, batch_idx: int) -> bool:
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        if accumulate <= 1:
+            return True
+        loop = trainer.fit_loop.epoch_loop
+        return bool((batch_idx + 1) % accumulate == 0 or getattr(loop.batch_progress, "is_last_batch", False))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning also ends the epoch when max_steps stops it midway; the state saved at that last

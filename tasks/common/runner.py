@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from . import requeue
 from .callbacks import LastCheckpoint
 from .errors import ConfigError, UserError
 from .fingerprint import check_resume, load_checkpoint_meta, recipe_record
@@ -116,7 +117,7 @@ def _hpc_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_ckpt_path(value: Any, run_dir: Path) -> str | None:
-    """``null`` (fresh; under SLURM the newest requeue checkpoint), ``last``, ``best`` or a path.
+    """``null`` (fresh; in a requeued SLURM job the same as ``last``), ``last``, ``best`` or a path.
 
     ``last`` picks the newest of ``checkpoints/last.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt``; when the
     run has none yet, training starts from scratch (so ``ckpt_path=last`` can always be passed).
@@ -124,7 +125,7 @@ def resolve_ckpt_path(value: Any, run_dir: Path) -> str | None:
     if _is_ddp_child() and os.environ.get(CKPT_ENV) is not None:
         return os.environ[CKPT_ENV] or None
     if value in (None, "", "null", "none"):
-        if SLURMEnvironment.detect() and _hpc_checkpoints(run_dir):
+        if SLURMEnvironment.detect() and (_hpc_checkpoints(run_dir) or requeue.restarted()):
             value = "last"
         else:
             return None
@@ -273,10 +274,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list[Logger] | bool,
     if tcfg.get("enable_progress_bar", True) and not _stdout_is_terminal():
         tcfg["enable_progress_bar"] = False  # SLURM log files: PerfMonitor prints plain periodic lines instead
     plugins = list(tcfg.pop("plugins", None) or [])
-    slurm = cfg.get("slurm") or {}
-    if SLURMEnvironment.detect():
-        sig = getattr(signal, str(slurm.get("requeue_signal", "SIGUSR1")))
-        plugins.append(SLURMEnvironment(auto_requeue=bool(slurm.get("auto_requeue", True)), requeue_signal=sig))
+    if SLURMEnvironment.detect():  # ranks from SLURM; requeue is tasks.common.requeue's (not Lightning's)
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     from lightning.pytorch.callbacks import Checkpoint
 
     # no hidden default ModelCheckpoint: checkpoints are exactly the configured callbacks
@@ -300,6 +299,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Build the task, fit, and return ``{"metrics": {...}, "run_dir": ..., "wall_s": ...}``."""
     start = time.time()
     single_log_stream()
+    requeue.catch_early(cfg)
     run_dir = resolve_run_dir(cfg)
     cfg = finalize_config(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -338,6 +338,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     last = [cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)]
     for cb in last:
         if cb.received_signal is not None:
+            requeue.requeue_after_stop(cfg, cb.received_signal, trainer)
             raise StoppedBySignal(cb.received_signal, cb.path)
     if sigterm:
         raise StoppedBySignal(int(signal.SIGTERM), None)

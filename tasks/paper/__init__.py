@@ -4,6 +4,7 @@ Modules (the scripts in ``scripts/`` are thin wrappers around them; see docs/rep
 
 ``tables``          the paper's tables (``tables.yaml``): ``load_tables()``, ``get_table(n).value(row, variant, metric)``
 ``sweep``           one Hydra multirun command per paper table (``scripts/sweep.py``)
+``sweep_status``    SLURM job states of a submitted sweep (``scripts/sweep.py --status``)
 ``runs``            reading run directories: ``.hydra/config.yaml``, ``csv/metrics.csv``, wandb offline runs
 ``wandb_offline``   a reader for wandb's offline ``run-*.wandb`` files (no wandb server needed)
 ``compare``         grouping seeds, comparing with the paper, markdown and PNG (``scripts/compare.py``)

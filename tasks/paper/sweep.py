@@ -18,7 +18,8 @@ The command is::
   seed 0 by default); the default stage sweeps the fine-tuning rows and needs every ``checkpoint_key=PATH``.
 * ``trainer.devices`` / ``trainer.num_nodes``: taken from the launcher's ``gpus_per_node`` / ``nodes``
   (or your ``hydra.launcher.*`` overrides), because Lightning requires devices == --ntasks-per-node
-  and num_nodes == --nodes under SLURM. Not added for local launchers or when you pass them.
+  and num_nodes == --nodes under SLURM. Not added for local launchers or when you pass them; for
+  CPU jobs (``slurm_cpu``, no GPUs) the launcher's tasks per node follow your ``trainer.devices``.
 """
 from __future__ import annotations
 
@@ -124,23 +125,16 @@ def _override_value(overrides: Sequence[str], key: str) -> str | None:
     return None
 
 
-def launcher_resources(launcher: str, overrides: Sequence[str] = (), config_dir: str | Path = CONFIG_DIR
-                       ) -> tuple[int, int] | None:
-    """(gpus_per_node, nodes) a SLURM launcher config asks for (after ``hydra.launcher.*`` overrides).
-
-    None for local launchers. Follows the launcher file's ``defaults`` chain within the group.
-    """
-    if launcher in LOCAL_LAUNCHERS:
-        return None
+def _launcher_chain(launcher: str, config_dir: str | Path) -> dict:
+    """The launcher file merged with its ``defaults`` chain within the group (plugin defaults last)."""
     group = Path(config_dir) / "hydra" / "launcher"
-    values: dict[str, object] = {}
     chain: list[dict] = []
     name: str | None = launcher
     while name:
         path = group / f"{name}.yaml"
         if not path.is_file():
             if name == "submitit_slurm":  # the plugin's own defaults
-                chain.append({"gpus_per_node": None, "nodes": 1})
+                chain.append({"gpus_per_node": None, "nodes": 1, "tasks_per_node": 1})
                 break
             known = sorted(p.stem for p in group.glob("*.yaml")) + ["submitit_local", "submitit_slurm"]
             raise SweepError(f"Unknown launcher {name!r}; choose one of {', '.join(known)}.")
@@ -148,14 +142,77 @@ def launcher_resources(launcher: str, overrides: Sequence[str] = (), config_dir:
         chain.append(data)
         parents = [d for d in data.get("defaults", []) if isinstance(d, str) and d != "_self_"]
         name = parents[0] if parents else None
+    values: dict = {}
     for data in reversed(chain):
         values.update({k: v for k, v in data.items() if k != "defaults"})
-    gpus = _override_value(overrides, "hydra.launcher.gpus_per_node") or values.get("gpus_per_node") or 0
-    nodes = _override_value(overrides, "hydra.launcher.nodes") or values.get("nodes") or 1
+    return values
+
+
+def _as_count(value: object, what: str, launcher: str) -> int:
+    if value in (None, "", "null", "None"):
+        return 0
     try:
-        return int(gpus), int(nodes)  # type: ignore[arg-type]
+        return int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise SweepError(f"Launcher {launcher!r} has gpus_per_node={gpus!r}, nodes={nodes!r}: pass numbers.") from None
+        raise SweepError(f"Launcher {launcher!r} has {what}={value!r}: pass a number.") from None
+
+
+def launcher_resources(launcher: str, overrides: Sequence[str] = (), config_dir: str | Path = CONFIG_DIR
+                       ) -> tuple[int, int] | None:
+    """(gpus_per_node, nodes) a SLURM launcher config asks for (after ``hydra.launcher.*`` overrides);
+    0 GPUs for CPU jobs (``gpus_per_node`` null or 0). None for local launchers."""
+    if launcher in LOCAL_LAUNCHERS:
+        return None
+    values = _launcher_chain(launcher, config_dir)
+    gpus = _override_value(overrides, "hydra.launcher.gpus_per_node")
+    gpus = values.get("gpus_per_node") if gpus is None else gpus
+    nodes = _override_value(overrides, "hydra.launcher.nodes") or values.get("nodes") or 1
+    return _as_count(gpus, "gpus_per_node", launcher), max(_as_count(nodes, "nodes", launcher), 1)
+
+
+RESOURCE_KEYS = ("partition", "account", "qos", "nodes", "tasks_per_node", "cpus_per_task", "mem_gb",
+                 "gpus_per_node", "timeout_min")
+
+
+def launcher_settings(launcher: str, overrides: Sequence[str] = (), config_dir: str | Path = CONFIG_DIR
+                      ) -> dict[str, object] | None:
+    """What each SLURM job of the sweep asks for: partition, account, qos, nodes, tasks per node, CPUs
+    per task, memory (GB per node), GPUs per node, time limit (min); None for local launchers.
+
+    Resolved like the launcher will (``hydra.launcher.*`` overrides, ``$SBATCH_PARTITION`` ...).
+    """
+    if launcher in LOCAL_LAUNCHERS:
+        return None
+    from omegaconf import OmegaConf
+
+    import tasks.common  # noqa: F401  (the ct_tasks_per_node resolver)
+
+    values = _launcher_chain(launcher, config_dir)
+    for key in RESOURCE_KEYS:
+        v = _override_value(overrides, f"hydra.launcher.{key}")
+        if v is not None:
+            values[key] = yaml.safe_load(v)
+    devices = _override_value(overrides, "trainer.devices")
+    root = OmegaConf.create({"hydra": {"launcher": {k: values.get(k) for k in RESOURCE_KEYS}},
+                             "trainer": {"devices": yaml.safe_load(devices) if devices is not None else 1}})
+    out: dict[str, object] = {}
+    for key in RESOURCE_KEYS:
+        try:
+            out[key] = OmegaConf.select(root, f"hydra.launcher.{key}", throw_on_resolution_failure=True)
+        except Exception:
+            out[key] = values.get(key)
+    return out
+
+
+def format_resources(settings: dict[str, object]) -> str:
+    """One line: what a job asks SLURM for (``default`` where the cluster's default applies)."""
+    def show(key: str, unit: str = "") -> str:
+        v = settings.get(key)
+        return "default" if v in (None, "") else f"{v}{unit}"
+    return (f"SLURM per job: partition={show('partition')} account={show('account')} nodes={show('nodes')} "
+            f"tasks/node={show('tasks_per_node')} CPUs/task={show('cpus_per_task')} "
+            f"memory={show('mem_gb', ' GB')}/node GPUs/node={settings.get('gpus_per_node') or 0} "
+            f"time={show('timeout_min', ' min')}")
 
 
 def build_sweep_command(table: str | int, seeds: Sequence[int] | str | None = None, launcher: str | None = None,
