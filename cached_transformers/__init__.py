@@ -4,11 +4,12 @@ Importing the package registers the models with timm, so ``timm.create_model("pv
 The library depends on torch and timm only (no Hydra, no Lightning).
 """
 from .grc import (PRESETS, GRCAttention, GRCConfig, SelfAttention, SRAttention, copy_caches, grc_layers,
-                  memory_width, mixing_weights, padding_to_attn_mask, reset_caches, split_grc_kwargs)
+                  memory_width, mixing_weights, padding_to_attn_mask, reset_caches, split_grc_kwargs,
+                  sync_caches)
 from .convert import convert_reference_state_dict
 from . import models  # registers models with timm
 
 __all__ = [
     "GRCAttention", "GRCConfig", "PRESETS", "convert_reference_state_dict", "SRAttention", "SelfAttention", "copy_caches", "grc_layers",
-    "memory_width", "mixing_weights", "padding_to_attn_mask", "reset_caches", "split_grc_kwargs",
+    "memory_width", "mixing_weights", "padding_to_attn_mask", "reset_caches", "split_grc_kwargs", "sync_caches",
 ]

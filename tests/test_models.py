@@ -176,23 +176,41 @@ def test_activation_checkpointing_writes_cache_once(name):
     plain = build(name)
     ckpt = copy.deepcopy(plain)
     ckpt.set_grad_checkpointing(True)
-    writes: dict[str, int] = {}
-    for k, layer in grc_layers(ckpt).items():
-        def count(new, k=k):
-            writes[k] = writes.get(k, 0) + 1
-            return new
-        layer.sync_fn = count
+    versions = {k: layer.cache._version for k, layer in grc_layers(ckpt).items()}  # in-place writes
     x = images(seed=4)
     torch.manual_seed(5)  # same stochastic-depth draws in both runs (Swin defaults to drop_path_rate 0.1)
     train_step(plain, x)
     torch.manual_seed(5)
     train_step(ckpt, x)
-    assert writes == {k: 1 for k in grc_layers(ckpt)}
+    assert {k: layer.cache._version - versions[k] for k, layer in grc_layers(ckpt).items()} == \
+        {k: 1 for k in grc_layers(ckpt)}
     for k, c in caches(plain).items():
         torch.testing.assert_close(grc_layers(ckpt)[k].cache, c)
     grads = dict(ckpt.named_parameters())
     for k, p in plain.named_parameters():
         torch.testing.assert_close(grads[k].grad, p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_224_grc", "pvt_tiny_grc"])
+def test_timm_reentrant_checkpointing_is_refused_or_works(name):
+    """timm's reentrant checkpointing (set_reentrant_ckpt(True) / TIMM_REENTRANT_CKPT=1) would leave every
+    cache unwritten: timm's models stop with the layer's message; PVT v1 (written here) always checkpoints
+    non-reentrantly, so it trains and writes its caches."""
+    from timm.layers import set_reentrant_ckpt
+
+    model = build(name)
+    model.set_grad_checkpointing(True)
+    before = caches(model)
+    set_reentrant_ckpt(True)
+    try:
+        if name.startswith("vit"):
+            with pytest.raises(RuntimeError, match="reentrant activation checkpointing"):
+                train_step(model, images())
+        else:
+            train_step(model, images())
+            assert all(not torch.equal(c, before[k]) for k, c in caches(model).items())
+    finally:
+        set_reentrant_ckpt(False)
 
 
 def test_pvt_other_input_size_and_baseline_weights():
