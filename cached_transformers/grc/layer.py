@@ -11,6 +11,9 @@ reads the cache value the original forward saw, so the gradients are those of th
 Evaluation mode and ``torch.no_grad()`` never write it. Gradient accumulation therefore writes it
 once per micro-batch, which is the released module's behaviour. Reentrant checkpointing (whose
 first forward runs under ``no_grad``) could never write it, so its recomputation raises a clear error.
+A write binds a new tensor to the ``cache`` buffer (never an in-place copy), so the graph of the
+forward that read the old tensor, and any recomputation of it, keep that value: this is what lets
+``torch.compile`` trace the write without graph breaks and still recompute checkpoints exactly.
 The layer never communicates across processes: ``sync_caches`` (``sync.py``) averages all caches of a
 model in one collective once per optimisation step.
 
@@ -143,7 +146,7 @@ class GRCAttention(nn.Module):
             if not torch.compiler.is_compiling():
                 self._last_forward_wrote = False
             return self.cache, False
-        prev = self.cache.clone()  # the write below must not change what this forward's graph saved
+        prev = self.cache  # the write below binds a new tensor: this one, which the graph saved, never changes
         if not torch.compiler.is_compiling():
             self._prev_cache, self._last_forward_wrote = prev, True
         return prev, True
@@ -253,7 +256,9 @@ class GRCAttention(nn.Module):
         prev, write = self._read_cache()
         new = self._gated_update(prev, xu)                                 # B x T_m x D_m
         if write:  # across processes the caches are averaged once per step by sync_caches()
-            self.cache.copy_(new.detach().mean(0, keepdim=True, dtype=torch.float32))
+            # a new tensor, not an in-place copy: whatever read the old one (this forward's graph, a
+            # compiled checkpoint's recomputation) keeps reading the value this forward saw
+            self.cache = new.detach().mean(0, keepdim=True, dtype=torch.float32).to(self.cache.dtype)
 
         if cfg.causal:
             kv = prev.expand(b, -1, -1)
