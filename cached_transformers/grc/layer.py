@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 
 from .attention import SRAttention
@@ -70,6 +71,7 @@ def memory_width(dim: int, num_heads: int, ratio: float) -> int:
     return dm
 
 
+@register_notrace_module  # FX (timm's feature path, torchvision's create_feature_extractor) keeps it a leaf
 class GRCAttention(nn.Module):
     """Gated Recurrent Cache attention around a host attention module.
 
