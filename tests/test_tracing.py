@@ -1,6 +1,7 @@
 """Every registered model traces: timm's FX forward/backward (as timm's own test_model_forward_fx /
 test_model_backward_fx do it, through torchvision's ``create_feature_extractor`` with timm's leaf modules
-and wrapped functions) and ``torch.export`` in eval, at 64 x 64 px.
+and wrapped functions) and ``torch.export`` in eval, at 64 x 64 px (the largest sizes with one block per
+stage).
 
 The GRC layer and the spatial-reduction attention are FX leaf modules (their grid handling depends on
 shapes): a traced cached model still writes its caches in training and never in eval.
@@ -21,8 +22,13 @@ pytestmark = pytest.mark.slow
 SWIN_SMALL = dict(window_size=4, embed_dim=48, depths=(2, 2, 2, 2))
 
 
+# the larger sizes repeat the small ones' blocks: one block per stage keeps the test short
+SHALLOW = {"pvt_medium", "pvt_large", "pvt_medium_grc", "pvt_large_grc", "pvt_v2_b3_grc", "pvt_v2_b4_grc",
+           "pvt_v2_b5_grc"}
+
+
 def build(name: str) -> torch.nn.Module:
-    extra = SWIN_SMALL if name.startswith("swin") else {}
+    extra = SWIN_SMALL if name.startswith("swin") else dict(depths=(1, 1, 1, 1)) if name in SHALLOW else {}
     return timm.create_model(name, pretrained=False, num_classes=10, img_size=64, **extra)
 
 
