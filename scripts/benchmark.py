@@ -15,6 +15,10 @@ same GEMMs and attention calls with every other operation of the GRC layers remo
 is the lowest any implementation of the layer can reach with this machine's GEMM and attention
 kernels; when it is already above 1.05 x the MAC ratio, the goal is out of reach on this machine
 and the script says so.
+``--compile`` adds ``torch.compile`` (inductor) copies of the baseline, the cached model and the floor,
+timed in the same interleaved rounds; their ratios are against the compiled baseline, and the script
+states whether the compiled cached ratio is within 0.05 of the compiled floor's and whether the eager
+layer is >= 1.1x faster than the released module (with ``--reference``).
 ``lra`` runs the ListOps sequence-length benchmark; ``throughput`` the paper's Table 9 layout.
 No test times anything: speed is measured here and only here.
 """
@@ -68,6 +72,8 @@ def vision_suite(args, device: torch.device) -> list[dict]:
             models["released"] = reference_pvt_tiny(args)
         if args.floor:
             models["floor"] = mac_floor_copy(models["cached"])
+        if args.compile:
+            models.update(compiled_variants(models, args.compile_backend))
         probe = torch.randn(1, 3, args.img_size, args.img_size)
         stats = {v: {"params": count_params(m), "macs": count_macs(m, probe)} for v, m in models.items()}
         timed = measure_models(models, args.batch_size, args.img_size, device, warmup=args.warmup,
@@ -76,10 +82,10 @@ def vision_suite(args, device: torch.device) -> list[dict]:
             stats[variant].update(train=args.batch_size / t["train_img_s"], infer=args.batch_size / t["test_img_s"])
             print(f"  measured {base_name} {variant}: train {stats[variant]['train'] * 1e3:.1f} ms, "
                   f"infer {stats[variant]['infer'] * 1e3:.1f} ms", file=sys.stderr)
-        base = stats["baseline"]
-        goal_ratio = stats["cached"]["macs"] / base["macs"]  # the floor is judged by the cached model's goal
-        for variant in [v for v in stats if v != "baseline"]:
+        for variant in [v for v in stats if not v.startswith("baseline")]:
             s = stats[variant]
+            base = stats["baseline" + COMPILED if variant.endswith(COMPILED) else "baseline"]
+            goal_ratio = stats["cached"]["macs"] / base["macs"]  # the floor is judged by the cached model's goal
             mac_ratio = s["macs"] / base["macs"]
             row = {"model": base_name, "variant": variant,
                    "params_m": (base["params"] / 1e6, s["params"] / 1e6),
@@ -91,6 +97,38 @@ def vision_suite(args, device: torch.device) -> list[dict]:
                 row[f"{phase}_ok"] = ratio <= 1.05 * (goal_ratio if variant == "floor" else mac_ratio)
             rows.append(row)
     return rows
+
+
+COMPILED = " compiled"
+
+
+def compiled_variants(models: dict[str, torch.nn.Module], backend: str = "inductor") -> dict[str, torch.nn.Module]:
+    """A ``torch.compile`` (inductor) copy of the baseline, the cached model and the floor; the
+    compiled variants are timed interleaved with the eager ones and compared with the compiled baseline."""
+    import copy
+
+    return {f"{v}{COMPILED}": torch.compile(copy.deepcopy(models[v]), backend=backend)
+            for v in ("baseline", "cached", "floor") if v in models}
+
+
+def compile_verdicts(rows: list[dict]) -> list[str]:
+    """The speed goals of issue 11: compiled cached ratio within 0.05 of the compiled floor's ratio, and the
+    eager layer at least 1.1x faster than the literal released module (training step), in this run."""
+    lines = []
+    by = {(r["model"], r["variant"]): r for r in rows}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cached, floor = by.get((model, "cached" + COMPILED)), by.get((model, "floor" + COMPILED))
+        if cached and floor:
+            gaps = {p: cached[f"{p}_ratio"] - floor[f"{p}_ratio"] for p in ("train", "infer")}
+            ok = all(g <= 0.05 for g in gaps.values())
+            lines.append(f"- {model} compiled: cached ratio - floor ratio = train {gaps['train']:+.3f}, infer "
+                         f"{gaps['infer']:+.3f} (goal <= 0.05: {'met' if ok else 'not met'} in this run).")
+        eager, released = by.get((model, "cached")), by.get((model, "released"))
+        if eager and released:
+            speedup = released["train_ratio"] / eager["train_ratio"]
+            lines.append(f"- {model} eager training step: released module / this layer = {speedup:.3f}x "
+                         f"(goal >= 1.1x: {'met' if speedup >= 1.1 else 'not met'} in this run).")
+    return lines
 
 
 def print_vision(rows: list[dict], args, device: torch.device) -> None:
@@ -116,6 +154,10 @@ def print_vision(rows: list[dict], args, device: torch.device) -> None:
                        if phases else "within reach in this run: the floor is under it")
             print(f"- {r['model']}: goal {verdict}.")
         print("Ratios move from run to run on shared machines: repeat the run before concluding.")
+    verdicts = compile_verdicts(rows)
+    if verdicts:
+        print("\nCompiled variants are compared with the compiled baseline.")
+        print("\n".join(verdicts))
 
 
 def device_name(device: torch.device) -> str:
@@ -136,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", action="store_true", help="also time the literal released-module layer")
     p.add_argument("--floor", action="store_true",
                    help="also time each cached model reduced to its GEMMs and attention calls (the lowest reachable ratio)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile (inductor) copies of the baseline, cached model and floor")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
     p.add_argument("--lra-lengths", default="512,1024,2048,4096")
     p.add_argument("--data", action="store_true",
                    help="only time the training data loaders against a plain DataLoader (tasks/common/loader_benchmark.py)")

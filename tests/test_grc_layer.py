@@ -111,6 +111,39 @@ def test_single_update_under_activation_checkpointing():
     torch.testing.assert_close(layer.gate.weight.grad, twin.gate.weight.grad)
 
 
+def test_reentrant_checkpointing_fails_with_one_clear_message():
+    """Reentrant checkpointing runs the first forward under no_grad (no cache write): refuse it."""
+    layer = make_pvt_layer().train()
+    x = torch.randn(2, 64, 64, requires_grad=True)
+    out = checkpoint(layer, x, 8, 8, use_reentrant=True)
+    with pytest.raises(RuntimeError, match="reentrant activation checkpointing.*use_reentrant=False"):
+        out.square().sum().backward()
+    # after a proper step (and its backward) a later reentrant step is still refused
+    layer(x, 8, 8).sum().backward()
+    out = checkpoint(layer, x, 8, 8, use_reentrant=True)
+    with pytest.raises(RuntimeError, match="reentrant"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("preset", ["paper", "reference"])
+def test_eval_output_of_a_sample_does_not_depend_on_its_batch(preset):
+    """mem_kv=batch_mean (paper) averages over the batch in training only; in eval each sample is its own
+    batch, so logits and accuracy do not change with batch size or GPU count."""
+    layer = make_pvt_layer(config=GRCConfig.make(preset=preset))
+    layer.train()(torch.randn(4, 64, 64), 8, 8)  # give the cache content
+    layer.eval()
+    batch = torch.randn(5, 64, 64)
+    with torch.no_grad():
+        together = layer(batch, 8, 8)
+        for i in range(5):
+            torch.testing.assert_close(layer(batch[i:i + 1], 8, 8), together[i:i + 1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(layer(batch[i:i + 2], 8, 8)[:1], together[i:i + 1], rtol=1e-5, atol=1e-6)
+    if preset == "paper":  # training keeps Algorithm 1's batch mean: there a sample does see its batch
+        alone = copy.deepcopy(layer).train()(batch[:1], 8, 8)
+        inside = copy.deepcopy(layer).train()(batch, 8, 8)[:1]
+        assert not torch.allclose(alone, inside, atol=1e-4)
+
+
 def lm_layer(causal=True, padding="valid", cache_len=12):
     cfg = GRCConfig.make(causal=causal, padding=padding, pos_encoding="none")
     return GRCAttention(32, 4, SelfAttention(32, 4, causal=causal), cache_len=cache_len, config=cfg)
@@ -232,21 +265,50 @@ def test_model_helpers_copy_and_report():
 # ---------------------------------------------------------------- multi-process sync (gloo)
 def _sync_worker(rank, world, init_file, sync, out_dir):
     import torch.distributed as dist
+
+    from cached_transformers import sync_caches
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    calls = []
+    for name in ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "broadcast",
+                 "reduce_scatter_tensor"):
+        if hasattr(dist, name):
+            def counting(*a, _orig=getattr(dist, name), _name=name, **k):
+                calls.append(_name)
+                return _orig(*a, **k)
+            setattr(dist, name, counting)
     torch.manual_seed(0)
-    layer = make_pvt_layer(config=GRCConfig.make(sync=sync)).train()
-    torch.manual_seed(100 + rank)  # every rank sees different data
-    layer(torch.randn(2, 64, 64), 8, 8).sum().backward()
-    torch.save(layer.cache, os.path.join(out_dir, f"cache{rank}.pt"))
+    model = torch.nn.ModuleList([make_pvt_layer(config=GRCConfig.make(sync=sync)) for _ in range(3)]).train()
+    torch.manual_seed(100 + rank)  # every rank sees different data ...
+    for _ in range(1 + rank):      # ... and runs a different number of forwards (micro-batches): no hang
+        x = torch.randn(2, 64, 64)
+        for layer in model:
+            x = layer(x, 8, 8)
+        x.sum().backward()
+    assert not calls, f"the layers communicated inside forward/backward: {calls}"
+    issued = sync_caches(model)
+    torch.save({"caches": [layer.cache for layer in model], "calls": calls, "issued": issued},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("sync,identical", [("mean", True), ("none", False)])
-def test_cache_sync_across_two_gloo_processes(sync, identical):
+def test_cache_sync_is_one_collective_per_step_across_two_gloo_processes(sync, identical):
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_sync_worker, args=(2, os.path.join(d, "init"), sync, d), nprocs=2, join=True)
-        c0, c1 = torch.load(os.path.join(d, "cache0.pt")), torch.load(os.path.join(d, "cache1.pt"))
-    assert torch.equal(c0, c1) is identical
+        r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in (0, 1))
+    assert all(torch.equal(a, b) is identical for a, b in zip(r0["caches"], r1["caches"]))
+    expected = ["all_reduce"] if sync == "mean" else []  # one collective for all three layers
+    assert r0["calls"] == r1["calls"] == expected and r0["issued"] == len(expected)
+    if sync == "mean":  # the average of what each rank wrote
+        assert all(c.abs().sum() > 0 for c in r0["caches"])
+
+
+def test_sync_caches_without_process_group_is_a_no_op():
+    from cached_transformers import sync_caches
+    layer = make_pvt_layer().train()
+    layer(torch.randn(2, 64, 64), 8, 8)
+    before = layer.cache.clone()
+    assert sync_caches(layer) == 0 and torch.equal(layer.cache, before)
 
 
 @pytest.mark.parametrize("mode", ["nearest", "linear"])

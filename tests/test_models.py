@@ -177,11 +177,15 @@ def test_activation_checkpointing_writes_cache_once(name):
     ckpt = copy.deepcopy(plain)
     ckpt.set_grad_checkpointing(True)
     writes: dict[str, int] = {}
+
+    class CountingBuffers(dict):  # the layer writes its cache by binding a new tensor to the buffer
+        def __setitem__(self, key, value, _writes=writes):
+            if key == "cache":
+                _writes[self.layer_name] = _writes.get(self.layer_name, 0) + 1
+            super().__setitem__(key, value)
     for k, layer in grc_layers(ckpt).items():
-        def count(new, k=k):
-            writes[k] = writes.get(k, 0) + 1
-            return new
-        layer.sync_fn = count
+        layer._buffers = CountingBuffers(layer._buffers)
+        layer._buffers.layer_name = k
     x = images(seed=4)
     torch.manual_seed(5)  # same stochastic-depth draws in both runs (Swin defaults to drop_path_rate 0.1)
     train_step(plain, x)
@@ -193,6 +197,28 @@ def test_activation_checkpointing_writes_cache_once(name):
     grads = dict(ckpt.named_parameters())
     for k, p in plain.named_parameters():
         torch.testing.assert_close(grads[k].grad, p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_224_grc", "pvt_tiny_grc"])
+def test_timm_reentrant_checkpointing_is_refused_or_works(name):
+    """timm's reentrant checkpointing (set_reentrant_ckpt(True) / TIMM_REENTRANT_CKPT=1) would leave every
+    cache unwritten: timm's models stop with the layer's message; PVT v1 (written here) always checkpoints
+    non-reentrantly, so it trains and writes its caches."""
+    from timm.layers import set_reentrant_ckpt
+
+    model = build(name)
+    model.set_grad_checkpointing(True)
+    before = caches(model)
+    set_reentrant_ckpt(True)
+    try:
+        if name.startswith("vit"):
+            with pytest.raises(RuntimeError, match="reentrant activation checkpointing"):
+                train_step(model, images())
+        else:
+            train_step(model, images())
+            assert all(not torch.equal(c, before[k]) for k, c in caches(model).items())
+    finally:
+        set_reentrant_ckpt(False)
 
 
 def test_pvt_other_input_size_and_baseline_weights():
@@ -332,6 +358,43 @@ def test_cached_model_under_torch_compile_matches_eager(name):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
     assert all(torch.equal(c, before[k]) for k, c in caches(compiled).items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CACHED_FAST)
+def test_no_graph_breaks_in_training_and_eval(name):
+    """Dynamo traces every cached model as one graph, cache write included (training) and in eval."""
+    model, x = build(name), images()
+    for training in (True, False):
+        model.train(training)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(lambda inp: model(inp).square().mean())(x)
+        assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+        assert explained.graph_count == 1
+
+
+@pytest.mark.slow
+def test_compiled_activation_checkpointing_is_one_graph_and_exact():
+    """With Dynamo's switch for forward side effects under checkpointing, a checkpointed cached model is one
+    graph; the recomputation reads the cache the forward read (the write binds a new tensor), so outputs,
+    caches and gradients equal eager checkpointing, one write per step."""
+    name = "vit_small_patch16_224_grc"
+    eager = build(name)
+    eager.set_grad_checkpointing(True)
+    compiled = copy.deepcopy(eager)
+    compiled.compile(backend="aot_eager")
+    x = images()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(lambda inp: copy.deepcopy(eager).train()(inp).sum())(x)
+        assert explained.graph_break_count == 0
+        for _ in range(2):
+            for model in (eager, compiled):
+                train_step(model, x)
+            for key, cache in caches(compiled).items():
+                torch.testing.assert_close(cache, caches(eager)[key], rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 
 
@@ -27,6 +28,7 @@ def padding_to_attn_mask(key_padding_mask: torch.Tensor | None) -> torch.Tensor 
     return (~key_padding_mask.bool())[:, None, None, :]
 
 
+@register_notrace_module  # its grid handling depends on shapes: an FX leaf (timm's feature path)
 class SRAttention(nn.Module):
     """Multi-head attention with optional spatial reduction of the keys/values (PVT v1).
 

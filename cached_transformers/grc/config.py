@@ -26,8 +26,8 @@ the same thing; with a mask, ``"valid"`` builds the summary from each sample's v
 only exist in the language tasks, those tasks pass ``padding="valid"`` (method.md section 3).
 
 Fields that are not deviations: ``ratio`` (r, D_m = r * D), ``sync`` (how the stored cache is kept
-equal across processes: ``"mean"`` all-reduces it after each update, ``"none"`` keeps per-rank
-caches), ``causal`` (attend to the stored cache C_{t-1}, update afterwards) and ``enabled`` (False
+equal across processes: ``"mean"`` averages it once per optimisation step in ``sync_caches``,
+``"none"`` keeps per-rank caches), ``causal`` (attend to the stored cache C_{t-1}, update afterwards) and ``enabled`` (False
 builds the plain baseline, parameter for parameter).
 """
 from __future__ import annotations

@@ -10,7 +10,12 @@ pass (that is where non-reentrant activation checkpointing recomputes forwards; 
 reads the cache value the original forward saw, so the gradients are those of that forward).
 Evaluation mode and ``torch.no_grad()`` never write it. Gradient accumulation therefore writes it
 once per micro-batch, which is the released module's behaviour. Reentrant checkpointing (whose
-first forward runs under ``no_grad``) never writes it: use ``use_reentrant=False``.
+first forward runs under ``no_grad``) could never write it, so its recomputation raises a clear error.
+A write binds a new tensor to the ``cache`` buffer (never an in-place copy), so the graph of the
+forward that read the old tensor, and any recomputation of it, keep that value: this is what lets
+``torch.compile`` trace the write without graph breaks and still recompute checkpoints exactly.
+The layer never communicates across processes: ``sync_caches`` (``sync.py``) averages all caches of a
+model in one collective once per optimisation step.
 
 Speed: the reset and update gates are one fused ``Linear(2 D_m -> 2 D_m)``; the cache-side half of
 the gate projections is computed once per step on the 1 x T_m stored cache rather than per sample;
@@ -25,11 +30,9 @@ float32 round-off. What remains above the MAC cost on CPU is measured by
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 
 from .attention import SRAttention
@@ -37,9 +40,23 @@ from .config import GRCConfig
 from .posconv import pair_grouped_conv3x3
 
 
-def _in_backward() -> bool:
-    """True while autograd's engine runs a backward pass (checkpoint recomputation happens there)."""
+def _recomputing() -> bool:
+    """True while autograd's engine runs a backward pass, where activation checkpointing recomputes forwards.
+
+    Only eager code can run a layer's Python forward inside a backward pass: a compiled model's
+    recomputation is part of its compiled backward graph and never re-runs the forward, so under
+    ``torch.compile`` this is the constant False and Dynamo traces no call into autograd's state.
+    """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
+
+
+REENTRANT_MESSAGE = (
+    "GRC layer {name}: a forward is being recomputed inside backward although its original forward did not "
+    "write the cache (it ran under torch.no_grad()), which is what reentrant activation checkpointing does, and "
+    "it would leave every cache unwritten; use non-reentrant checkpointing (timm: unset TIMM_REENTRANT_CKPT / "
+    "timm.layers.set_reentrant_ckpt(False); torch: checkpoint(..., use_reentrant=False)).")
 
 
 def memory_width(dim: int, num_heads: int, ratio: float) -> int:
@@ -54,6 +71,7 @@ def memory_width(dim: int, num_heads: int, ratio: float) -> int:
     return dm
 
 
+@register_notrace_module  # FX (timm's feature path, torchvision's create_feature_extractor) keeps it a leaf
 class GRCAttention(nn.Module):
     """Gated Recurrent Cache attention around a host attention module.
 
@@ -96,10 +114,12 @@ class GRCAttention(nn.Module):
         self.pos_conv = (nn.Conv2d(dim, dim, 3, padding=1, groups=dm)
                          if cfg.pos_encoding == "conv" else None)
         self.register_buffer("cache", torch.zeros(1, cache_len, dm))
-        self._prev_cache: torch.Tensor | None = None  # what the last update read (for recomputation)
+        # eager bookkeeping for checkpoint recomputation: what the last write read, and whether the last
+        # forward outside backward wrote (compiled code never recomputes in Python and skips both)
+        self._prev_cache: torch.Tensor | None = None
+        self._last_forward_wrote = False
         self.record_branches = False  # set True to keep o_self / o_mem of the last forward (Fig. 4)
         self.last_branches: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.sync_fn: Callable[[torch.Tensor], torch.Tensor] | None = None  # override of the sync rule
 
     # ------------------------------------------------------------------ cache management
     @property
@@ -111,18 +131,27 @@ class GRCAttention(nn.Module):
         self.cache.zero_()
         self._prev_cache = None
 
-    def _sync(self, new: torch.Tensor) -> torch.Tensor:
-        if self.sync_fn is not None:
-            return self.sync_fn(new)
-        if self.config.sync == "mean" and dist.is_available() and dist.is_initialized() \
-                and dist.get_world_size() > 1:
-            new = new.contiguous()
-            dist.all_reduce(new, op=dist.ReduceOp.SUM)
-            new = new / dist.get_world_size()
-        return new
+    def _read_cache(self) -> tuple[torch.Tensor, bool]:
+        """(the stored cache this forward reads, whether this forward writes it).
 
-    def _should_update(self) -> bool:
-        return self.training and torch.is_grad_enabled() and not _in_backward()
+        A training forward with gradients writes; a checkpoint recomputation (eager only) reads what
+        the original forward read and writes nothing; everything else reads the cache as it is.
+        """
+        if not self.training:
+            return self.cache, False
+        if _recomputing():
+            if not self._last_forward_wrote or self._prev_cache is None:
+                raise RuntimeError(REENTRANT_MESSAGE.format(name=self.extra_repr()))
+            return self._prev_cache, False
+        write = torch.is_grad_enabled()
+        if not write:
+            if not torch.compiler.is_compiling():
+                self._last_forward_wrote = False
+            return self.cache, False
+        prev = self.cache  # the write below binds a new tensor: this one, which the graph saved, never changes
+        if not torch.compiler.is_compiling():
+            self._prev_cache, self._last_forward_wrote = prev, True
+        return prev, True
 
     # ------------------------------------------------------------------ pieces of the forward
     def _positional(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -226,21 +255,18 @@ class GRCAttention(nn.Module):
         cfg, dm = self.config, self.mem_dim
         s, source, xu = self._self_branch(x, H, W, key_padding_mask, host_kwargs)
 
-        update = self._should_update()
-        if _in_backward() and self._prev_cache is not None and self.training:
-            prev = self._prev_cache  # recomputation under checkpointing: the value the forward read
-        else:
-            prev = self.cache.detach().clone() if update else self.cache.detach()
+        prev, write = self._read_cache()
         new = self._gated_update(prev, xu)                                 # B x T_m x D_m
-        if update:
-            self._prev_cache = prev
-            self.cache.copy_(self._sync(new.detach().mean(0, keepdim=True, dtype=torch.float32)))
+        if write:  # across processes the caches are averaged once per step by sync_caches()
+            # a new tensor, not an in-place copy: whatever read the old one (this forward's graph, a
+            # compiled checkpoint's recomputation) keeps reading the value this forward saw
+            self.cache = new.detach().mean(0, keepdim=True, dtype=torch.float32).to(self.cache.dtype)
 
         if cfg.causal:
             kv = prev.expand(b, -1, -1)
-        elif cfg.mem_kv == "batch_mean":
+        elif cfg.mem_kv == "batch_mean" and self.training:
             kv = new.mean(0, keepdim=True).expand(b, -1, -1)
-        else:
+        else:  # per_sample; batch_mean in eval: each sample is its own batch, so no sample sees another
             kv = new
         query = x[..., :dm] if cfg.mem_query == "input" else source[..., :dm]
         m = self.mem_attn(query, kv=kv, kv_hw=self.cache_grid)

@@ -33,7 +33,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -61,6 +61,16 @@ class PatchEmbed(nn.Module):
         x = self.proj(x)
         hw = (x.shape[2], x.shape[3])
         return self.norm(x.flatten(2).transpose(1, 2)), hw
+
+
+@register_notrace_function  # depends on the input's grid: one FX call (timm's feature path)
+def resize_stage_pos_embed(pos: torch.Tensor, hw: tuple[int, int], nominal: tuple[int, int], prefix: int) -> torch.Tensor:
+    """A 1 x (prefix + h*w) x C position embedding on the ``nominal`` grid, bilinearly resized to ``hw``."""
+    if tuple(hw) == tuple(nominal):
+        return pos
+    grid = pos[:, prefix:].reshape(1, nominal[0], nominal[1], -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(hw), mode="bilinear").reshape(1, -1, hw[0] * hw[1]).permute(0, 2, 1)
+    return torch.cat([pos[:, :prefix], grid], dim=1)
 
 
 class Block(nn.Module):
@@ -190,13 +200,8 @@ class PyramidVisionTransformer(nn.Module):
     # ------------------------------------------------------------------ forward
     def _pos_embed(self, i: int, hw: tuple[int, int]) -> torch.Tensor:
         """Stage ``i`` (0-based) position embedding for an (H, W) grid, bilinearly resized if needed."""
-        pos = getattr(self, f"pos_embed{i + 1}")
         pe = getattr(self, f"patch_embed{i + 1}")
-        prefix, grid = pos[:, :1 if i == 3 else 0], pos[:, 1 if i == 3 else 0:]
-        if hw != (pe.H, pe.W):
-            grid = grid.reshape(1, pe.H, pe.W, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, size=hw, mode="bilinear").reshape(1, -1, hw[0] * hw[1]).permute(0, 2, 1)
-        return torch.cat([prefix, grid], dim=1) if i == 3 else grid
+        return resize_stage_pos_embed(getattr(self, f"pos_embed{i + 1}"), hw, (pe.H, pe.W), 1 if i == 3 else 0)
 
     def _stage(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Run stage ``i`` on a B x C x H x W map (or the image); returns tokens and their grid."""

@@ -231,7 +231,8 @@ def build_strategy(tcfg: dict[str, Any]) -> Strategy | str:
     """DDP without buffer broadcast whenever more than one process trains.
 
     DDP's default ``broadcast_buffers=True`` would overwrite every rank's GRC cache with rank 0's
-    before each forward; the GRC layer synchronises caches itself (``grc.sync``).
+    before each forward; the caches are averaged once per optimisation step instead
+    (``tasks.common.grc_sync.GRCCacheSync`` calling ``cached_transformers.sync_caches``, per ``grc.sync``).
     """
     strategy = tcfg.pop("strategy", "auto")
     if isinstance(strategy, dict):
