@@ -273,6 +273,39 @@ def test_sigusr1_saves_resumable_checkpoint_and_stops(tiny, tmp_path):
     assert result["global_step"] == 6 and result["resumed_from"].endswith("last.ckpt")
 
 
+@pytest.mark.parametrize("kill_at", [9, 4], ids=["last-batch-of-epoch", "mid-epoch"])
+def test_stop_and_resume_logs_every_validation_of_an_uninterrupted_run(tiny, tmp_path, kill_at):
+    """A signal at the step whose validation is due (the epoch's last batch here: 80 images / batch 8)
+    stops after that validation, so the resumed run neither repeats nor loses a validation row."""
+    import lightning.pytorch as pl
+
+    from tasks.common import runner
+    from tasks.common.runner import StoppedBySignal
+
+    def val_rows(run: Path) -> list[tuple]:
+        with (run / "csv" / "metrics.csv").open() as f:
+            return [(r["val/acc1"], r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+
+    class Kill(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == kill_at:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    common = ("model=pvt_tiny", "trainer.max_steps=14", "callbacks.model_checkpoint=null", "trainer.deterministic=true")
+    _train(tiny(*common, f"paths.run_dir={tmp_path}/full"))
+    original = runner.build_callbacks
+    runner.build_callbacks = lambda c: [*original(c), Kill()]
+    try:
+        with pytest.raises(StoppedBySignal):
+            _train(tiny(*common, f"paths.run_dir={tmp_path}/split"))
+    finally:
+        runner.build_callbacks = original
+    assert _load(tmp_path / "split" / "checkpoints" / "last.ckpt")["global_step"] == kill_at + 1
+    _train(tiny(*common, f"paths.run_dir={tmp_path}/split", "ckpt_path=last"))
+    assert len(val_rows(tmp_path / "full")) == 2  # the end of epoch 0 (step 10) and the end of the run
+    assert val_rows(tmp_path / "split") == val_rows(tmp_path / "full")
+
+
 @pytest.mark.slow
 def test_sigterm_on_the_command_line(standin_root, tmp_path):
     out = tmp_path / "outputs"

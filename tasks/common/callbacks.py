@@ -52,6 +52,7 @@ class LastCheckpoint(Checkpoint):
         self._previous_handlers: dict[int, Any] = {}
         self._last_saved_step = -1
         self._stopped = False  # a signal stopped training (not only arrived)
+        self._save_after_validation = False  # stopping at a step whose validation is due: save after it
 
     @property
     def path(self) -> Path:
@@ -148,6 +149,14 @@ class LastCheckpoint(Checkpoint):
         agreed = self._signal_everywhere(trainer) if self.handle_signals else None
         # mid gradient accumulation: stop after the optimizer step (the flag stays set until then)
         stop = agreed is not None and self._at_optimizer_step(trainer, batch_idx)
+        if stop and self._validation_due(trainer, batch_idx):
+            # the validation of this step runs as in an uninterrupted run and the checkpoint is written
+            # after it (on_validation_end): a checkpoint taken before it would resume past it, and the
+            # resumed run would never log it
+            self.received_signal = agreed
+            self._stopped = self._save_after_validation = True
+            trainer.should_stop = True
+            return
         step = trainer.global_step
         periodic = self.every_n_train_steps and step % self.every_n_train_steps == 0
         at_end = trainer.max_steps is not None and trainer.max_steps > 0 and step >= trainer.max_steps
@@ -156,6 +165,26 @@ class LastCheckpoint(Checkpoint):
         if stop:
             self.received_signal = agreed  # the same on every rank (another rank may have got it)
             self._stop(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._save_after_validation and not trainer.sanity_checking:
+            self._save_after_validation = False
+            self.save(trainer)
+
+    @staticmethod
+    def _validation_due(trainer: pl.Trainer, batch_idx: int) -> bool:
+        """Whether Lightning validates after this training batch in an uninterrupted run (the rule of
+        its epoch loop: every ``check_val_every_n_epoch`` epochs, at every ``val_check_batch``-th batch)."""
+        if not trainer.enable_validation:
+            return False
+        every = trainer.check_val_every_n_epoch
+        if every is not None and (trainer.current_epoch + 1) % every != 0:
+            return False
+        loop = trainer.fit_loop.epoch_loop
+        if trainer.val_check_batch == float("inf"):
+            return bool(loop.batch_progress.is_last_batch)
+        index = loop.total_batch_idx if every is None else batch_idx
+        return (index + 1) % int(trainer.val_check_batch) == 0
 
     @staticmethod
     def _at_optimizer_step(trainer: pl.Trainer, batch_idx: int) -> bool:
