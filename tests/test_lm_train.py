@@ -58,7 +58,9 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(corpus, tmp_path):
     full = train(compose_config(_overrides(corpus, tmp_path / "a", "transformer_xl_grc", 6, *extra)))
     half = _overrides(corpus, tmp_path / "b", "transformer_xl_grc", 3, *extra)
     train(compose_config(half))
-    resumed = train(compose_config([o.replace("max_steps=3", "max_steps=6") for o in half] + ["ckpt_path=last"]))
+    # the resumed run extends max_steps, a recipe key: allowed explicitly
+    resumed = train(compose_config([o.replace("max_steps=3", "max_steps=6") for o in half]
+                                   + ["ckpt_path=last", "resume_mismatch=allow"]))
     a = torch.load(Path(full["run_dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(Path(resumed["run_dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == 6

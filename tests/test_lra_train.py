@@ -143,7 +143,7 @@ def test_resume_mid_epoch_is_exact(listops_root, tmp_path):
     train(cfg("split", 4))
     half = torch.load(tmp_path / "split" / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert half["global_step"] == 4
-    train(cfg("split", 9, "ckpt_path=last"))
+    train(cfg("split", 9, "ckpt_path=last", "resume_mismatch=allow"))  # extends max_steps, a recipe key
     a, b = (torch.load(tmp_path / r / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
             for r in ("full", "split"))
     assert a["global_step"] == b["global_step"] == 9

@@ -69,7 +69,8 @@ def test_sweep_dry_run_prints_one_multirun_for_the_whole_table() -> None:
     proc = _run([sys.executable, "scripts/sweep.py", "--table", "1", "--seeds", "0,1,2", "--dry-run",
                  "trainer.max_epochs=300"])
     assert proc.returncode == 0, proc.stderr
-    (line,) = proc.stdout.strip().splitlines()
+    line, resources = proc.stdout.strip().splitlines()
+    assert resources.startswith("SLURM per job:")  # what each job asks for, printed under the command
     args = line.split()
     assert args[1:3] == ["train.py", "-m"]
     experiments = next(a for a in args if a.startswith("experiment=")).split("=", 1)[1].split(",")

@@ -51,6 +51,16 @@ def test_documented_command_trains_on_a_data_bin_folder(tmp_path):
     after = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert torch.equal(after["model.encoder_layers.0.self_attn.cache"], cache)  # evaluation wrote nothing back
 
+    # model.pretrained=<that checkpoint> starts a new model from its weights (caches included)
+    from tasks.translation.module import build_model
+
+    stored = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["cfg"]
+    model = build_model({**stored["model"], "pretrained": str(ckpt)}, stored.get("grc"),
+                        after["model.encoder_embed.weight"].shape[0], after["model.decoder_embed.weight"].shape[0])
+    loaded = model.state_dict()
+    assert loaded.keys() == {k[len("model."):] for k in after if k.startswith("model.")}
+    assert all(torch.equal(v, after[f"model.{k}"]) for k, v in loaded.items())
+
 
 def _ckpt(path: Path, w: float, cache: float, step: int) -> None:
     torch.save({"state_dict": {"model.w": torch.full((2, 2), w), "model.encoder_layers.0.self_attn.cache":

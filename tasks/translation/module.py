@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 
 from tasks.common.errors import ConfigError
+from tasks.common.models import load_pretrained
 from tasks.common.module import TaskModule
 
 from .bleu import bleu_tok, sacrebleu_detok
@@ -40,8 +41,11 @@ MODEL_KEYS = {"embed_dim", "ffn_dim", "heads", "encoder_layers", "decoder_layers
 
 def build_model(model_cfg: dict[str, Any], grc_cfg: dict[str, Any] | None, src_vocab: int,
                 tgt_vocab: int) -> TransformerModel:
+    """The model of ``model_cfg``; ``model.pretrained`` (a translation checkpoint of this project or a
+    state_dict with the same dictionaries) is loaded with :func:`tasks.common.models.load_pretrained`."""
     cfg = dict(model_cfg)
     name = str(cfg.pop("name", ""))
+    pretrained = cfg.pop("pretrained", None)  # model.pretrained: weights to start from
     unknown = sorted(set(cfg) - MODEL_KEYS)
     if unknown:
         raise ConfigError(f"Unknown translation model option(s) {unknown} in model '{name}'; "
@@ -49,7 +53,9 @@ def build_model(model_cfg: dict[str, Any], grc_cfg: dict[str, Any] | None, src_v
     grc = dict(grc_cfg or {}) if name.endswith("_grc") else None
     if grc is not None:
         grc.setdefault("enabled", True)
-    return TransformerModel(src_vocab, tgt_vocab, grc=grc, **cfg)
+    model = TransformerModel(src_vocab, tgt_vocab, grc=grc, **cfg)
+    load_pretrained(model, pretrained)
+    return model
 
 
 def _gather(obj: Any, trainer: Any) -> list[Any]:
