@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.data import (EpochShuffleSampler, ResumableDataLoader, ResumableDataModuleMixin, RunSeededEpochs,
-                               SeededSampler, ShardSampler)
+                               SeededSampler, ShardSampler, rank_world)
 from tasks.common.errors import DataError
 from tasks.common.seeding import seeded
 
@@ -245,11 +245,6 @@ class ImageNetDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
         self.train_tf, self.val_tf = build_transforms(self.img_size, self.aug, self.crop_pct, self.mean, self.std)
 
     # ------------------------------------------------------------------ loaders
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
 
     def _loader_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.pin_memory and torch.cuda.is_available()}
@@ -261,7 +256,7 @@ class ImageNetDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
 
     def train_dataloader(self) -> ResumableDataLoader:
         assert self.train_samples is not None
-        rank, world = self._rank_world()
+        rank, world = rank_world(getattr(self, "trainer", None))
         dataset = ImageFolderSplit(self.train_samples, self.train_tf, self.on_corrupt, substitute=True)
         if world > 1 and self.repeated_aug and self.num_repeats > 1:
             from timm.data.distributed_sampler import RepeatAugSampler
@@ -281,7 +276,7 @@ class ImageNetDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_samples is not None
-        rank, world = self._rank_world()
+        rank, world = rank_world(getattr(self, "trainer", None))
         dataset = ImageFolderSplit(self.val_samples, self.val_tf, self.on_corrupt, substitute=False)
         sampler = ShardSampler(len(dataset), rank, world)
         return DataLoader(dataset, sampler=sampler, batch_size=self.val_batch_size, collate_fn=collate_skip_none,

@@ -163,6 +163,11 @@ class ResumableDataLoader(DataLoader):
         self._consumed = self._resume_at
 
 
+def rank_world(trainer: Any | None) -> tuple[int, int]:
+    """``(global rank, world size)`` of ``trainer``; ``(0, 1)`` without one (a module used on its own)."""
+    return (0, 1) if trainer is None else (int(trainer.global_rank), int(trainer.world_size))
+
+
 class ResumableDataModuleMixin:
     """For a ``LightningDataModule``: save the train loader's position with the data module's state.
 

@@ -18,8 +18,10 @@ A task subclass builds ``self.model`` and implements ``training_step``/``validat
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -54,6 +56,25 @@ class TaskModule(pl.LightningModule):
         # the recipe of the run as composed, set by the runner before the task fills in values derived
         # from the data (ImageNet-22k's class count, COCO's label map); None: taken from cfg
         self.recipe: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ test with the best weights
+    def best_weights(self, default_metric: str) -> tuple[torch.nn.Module, str | None, float | None]:
+        """``(model, path, score)``: a copy of ``self.model`` with the weights of the best checkpoint of the
+        task's monitored metric (``task.monitor.metric``, else ``default_metric``), or the final weights
+        (``path`` None) when no such checkpoint was written."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        metric = (self.task_cfg.get("monitor") or {}).get("metric", default_metric)
+        model = copy.deepcopy(self.model)
+        for cb in self.trainer.callbacks:
+            if (isinstance(cb, ModelCheckpoint) and cb.monitor == metric and cb.best_model_path
+                    and Path(cb.best_model_path).is_file()):
+                state = torch.load(cb.best_model_path, map_location=self.device, weights_only=False)["state_dict"]
+                model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+                score = float(cb.best_model_score) if cb.best_model_score is not None else None
+                return model, cb.best_model_path, score
+        log.warning("No best checkpoint (no validation ran or checkpointing is off): testing the final weights.")
+        return model, None, None
 
     # ------------------------------------------------------------------ optimizer and schedule
     def total_batch_size(self) -> int:

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from tasks.common.data import ResumableDataModuleMixin, ShardSampler
+from tasks.common.data import ResumableDataModuleMixin, ShardSampler, rank_world
 from tasks.common.errors import DataError
 
 from .coco import CocoDetection, CocoSplit, collate
@@ -89,11 +89,6 @@ class CocoDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
         self.check("fit" if stage in (None, "fit") else "validate")
 
     # ------------------------------------------------------------------ loaders
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
 
     def _loader_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"num_workers": self.num_workers, "collate_fn": collate,
@@ -105,7 +100,7 @@ class CocoDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
     def train_dataloader(self) -> GroupedBatchLoader:
         split = self.splits["train"]
         ids = self.train_ids()
-        rank, world = self._rank_world()
+        rank, world = rank_world(getattr(self, "trainer", None))
         groups = split.aspect_groups(ids) if self.group_by_aspect else [0] * len(ids)
         sampler = GroupedBatchSampler(groups, self.batch_size, seed=self.seed, rank=rank, world=world)
         dataset = CocoDetection(split, ids, with_masks=self.with_masks, flip_prob=self.flip_prob)
@@ -114,7 +109,7 @@ class CocoDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         split = self.val_split
         ids = split.image_ids(train_filter=False)
-        rank, world = self._rank_world()
+        rank, world = rank_world(getattr(self, "trainer", None))
         dataset = CocoDetection(split, ids, with_masks=False, flip_prob=0.0)
         return DataLoader(dataset, sampler=ShardSampler(len(ids), rank, world), batch_size=self.val_batch_size,
                           drop_last=False, **self._loader_kwargs())

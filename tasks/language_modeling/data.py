@@ -26,7 +26,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.common.data import EpochShuffleSampler, ResumableDataLoader, ResumableDataModuleMixin, SeededSampler
+from tasks.common.data import (EpochShuffleSampler, ResumableDataLoader, ResumableDataModuleMixin, SeededSampler,
+                               rank_world)
 from tasks.common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -176,14 +177,11 @@ class WikiTextDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
         self.setup()
         return len(self.vocab)  # type: ignore[arg-type]
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (0, 1) if trainer is None else (int(trainer.global_rank), int(trainer.world_size))
 
     def dataset(self, split: str) -> SegmentDataset:
         """This process's segments of ``split`` (tracks by rank, see :func:`batchify`)."""
         self.setup()
-        rank, world = self._rank_world()
+        rank, world = rank_world(getattr(self, "trainer", None))
         train = split == "train"
         tracks, dropped = batchify(self.streams[split], self.batch_size if train else self.eval_batch_size, rank, world)
         if dropped:
@@ -196,7 +194,7 @@ class WikiTextDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
 
     def train_dataloader(self) -> ResumableDataLoader:
         dataset = self.dataset("train")
-        rank = self._rank_world()[0]
+        rank = rank_world(getattr(self, "trainer", None))[0]
         sampler = SeededSampler(EpochShuffleSampler(len(dataset), shuffle=False), seed=self.seed, rank=rank,
                                 seed_samples=False)
         return self.track_train_loader(ResumableDataLoader(dataset, sampler=sampler, batch_size=1, **self._kwargs()))

@@ -12,17 +12,15 @@ reset whenever a stream starts again (segment 0).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import SumMetric
 
+from tasks.common.data import rank_world
 from tasks.common.errors import ConfigError
 from tasks.common.models import load_pretrained
 from tasks.common.module import TaskModule
@@ -167,46 +165,28 @@ class LanguageModel(TaskModule):
         return float(stats[0]) / max(float(stats[1]), 1.0), int(stats[1])
 
     # ------------------------------------------------------------------ checkpoints: the training memory
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self._trainer
-        return (0, 1) if trainer is None else (int(trainer.global_rank), int(trainer.world_size))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        rank, world = self._rank_world()
+        rank, world = rank_world(self._trainer)
         # every process holds its own tracks' memory: gather them (every rank runs this hook)
         checkpoint["lm_memory"] = pack_memory(self.train_state, world, lambda t: self.all_gather(t.contiguous()))
         checkpoint["lm_memory_world"] = world
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        rank, world = self._rank_world()
+        rank, world = rank_world(self._trainer)
         self.train_state = unpack_memory(checkpoint.get("lm_memory"), int(checkpoint.get("lm_memory_world", 1)),
                                          world, rank)
 
     # ------------------------------------------------------------------ test with the best weights
-    def _best_checkpoint(self) -> tuple[str | None, float | None]:
-        metric = (self.task_cfg.get("monitor") or {}).get("metric", "val/ppl")
-        for cb in self.trainer.callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.monitor == metric and cb.best_model_path:
-                if Path(cb.best_model_path).is_file():
-                    score = float(cb.best_model_score) if cb.best_model_score is not None else None
-                    return cb.best_model_path, score
-        return None, None
-
     def on_train_end(self) -> None:
         if not self.task_cfg.get("test_with_best", True) or self.trainer.datamodule is None:
             return
         if any(getattr(cb, "received_signal", None) is not None for cb in self.trainer.callbacks):
             log.info("Stopped by a signal: test/ppl is computed when the resumed run finishes.")
             return
-        path, _ = self._best_checkpoint()
-        model = copy.deepcopy(self.model)
-        if path is not None:
-            state = torch.load(path, map_location=self.device, weights_only=False)["state_dict"]
-            model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
-        else:
-            log.warning("No best checkpoint (no validation ran or checkpointing is off): testing the final weights.")
+        model, path, _ = self.best_weights("val/ppl")
         loss, n = self.evaluate_stream(model, self.trainer.datamodule.test_dataloader())
         del model
         ppl = math.exp(min(loss, 700.0))

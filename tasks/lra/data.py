@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from tasks.common.data import EpochShuffleSampler, ResumableDataLoader, SeededSampler, ShardSampler
+from tasks.common.data import EpochShuffleSampler, ResumableDataLoader, SeededSampler, ShardSampler, rank_world
 from tasks.common.errors import DataError
 
 from .tokenizer import NUM_CLASSES, PAD_ID, VOCAB, VOCAB_SIZE, TokenError, tokenize
@@ -274,11 +274,6 @@ class ListOpsDataModule(pl.LightningDataModule):
         return 100.0 * torch.bincount(labels, minlength=NUM_CLASSES).max().item() / max(len(labels), 1)
 
     # ------------------------------------------------------------------ loaders
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
 
     def _loader_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"num_workers": self.num_workers, "collate_fn": _Collate(self.trim_padding),
@@ -291,7 +286,7 @@ class ListOpsDataModule(pl.LightningDataModule):
         if not self.datasets:
             self.setup("fit")
         dataset = self.datasets["train"]
-        rank, world = self._rank_world()
+        rank, world = rank_world(getattr(self, "trainer", None))
         if world > 1:
             base = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed,
                                       drop_last=True)
@@ -305,7 +300,7 @@ class ListOpsDataModule(pl.LightningDataModule):
         if not self.datasets:
             self.setup("validate")
         dataset = self.datasets[split]
-        rank, world = self._rank_world()
+        rank, world = rank_world(getattr(self, "trainer", None))
         return DataLoader(dataset, sampler=ShardSampler(len(dataset), rank, world), batch_size=self.eval_batch_size,
                           drop_last=False, **self._loader_kwargs())
 

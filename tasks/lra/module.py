@@ -7,15 +7,12 @@ checkpoint). ``trainer.test(...)`` also works on this module.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -124,15 +121,6 @@ class ListOpsClassifier(TaskModule):
         self.test_acc.reset()
 
     # ------------------------------------------------------------------ test with the best weights
-    def _best_checkpoint(self) -> tuple[str | None, float | None]:
-        metric = (self.task_cfg.get("monitor") or {}).get("metric", "val/acc")
-        for cb in self.trainer.callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.monitor == metric and cb.best_model_path:
-                if Path(cb.best_model_path).is_file():
-                    score = float(cb.best_model_score) if cb.best_model_score is not None else None
-                    return cb.best_model_path, score
-        return None, None
-
     @torch.no_grad()
     def evaluate_split(self, model: torch.nn.Module, loader: Any) -> tuple[float, float, int]:
         """(accuracy %, mean loss, samples) of ``model`` on ``loader``, summed over processes."""
@@ -158,13 +146,7 @@ class ListOpsClassifier(TaskModule):
         if any(getattr(cb, "received_signal", None) is not None for cb in self.trainer.callbacks):
             log.info("Stopped by a signal: test/acc is computed when the resumed run finishes.")
             return
-        path, score = self._best_checkpoint()
-        model = copy.deepcopy(self.model)
-        if path is not None:
-            state = torch.load(path, map_location=self.device, weights_only=False)["state_dict"]
-            model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
-        else:
-            log.warning("No best checkpoint (no validation ran or checkpointing is off): testing the final weights.")
+        model, path, score = self.best_weights("val/acc")
         acc, loss, n = self.evaluate_split(model, self.trainer.datamodule.test_dataloader())
         del model
         self.test_result = {"test/acc": acc, "test/loss": loss}
