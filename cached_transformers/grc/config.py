@@ -128,6 +128,22 @@ class GRCConfig:
         return out
 
 
+def optional_grc_config(grc: Any, defaults: Mapping[str, Any]) -> GRCConfig | None:
+    """``grc`` (None / bool / mapping / GRCConfig) -> a :class:`GRCConfig` over ``defaults``, or None when
+    GRC is off (None, False, ``enabled: false``). A mapping's ``None`` values keep the defaults; a
+    GRCConfig is taken as it is. Used by hosts that carry their own defaults (the sequence tasks)."""
+    if grc is None or grc is False:
+        return None
+    if isinstance(grc, GRCConfig):
+        return grc if grc.enabled else None
+    values = dict(defaults)
+    if isinstance(grc, Mapping):
+        values.update({k: v for k, v in grc.items() if v is not None})
+    if not values.pop("enabled", True):
+        return None
+    return GRCConfig.make(**values)
+
+
 def split_grc_kwargs(kwargs: dict[str, Any]) -> tuple[GRCConfig, dict[str, Any]]:
     """Pop GRC options from model keyword arguments.
 

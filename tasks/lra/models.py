@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cached_transformers import GRCAttention, GRCConfig, SelfAttention
+from cached_transformers.grc import optional_grc_config
 
 from .attention import (BlockSparseAttention, BlockSparseCrossAttention, LSHCrossAttention, LSHSelfAttention,
                         query_padding)
@@ -50,17 +51,8 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
 
 
 def grc_config(grc: Any) -> GRCConfig | None:
-    """``grc`` (None / bool / mapping / GRCConfig) -> GRCConfig with the language defaults, or None (off)."""
-    if grc is None or grc is False:
-        return None
-    if isinstance(grc, GRCConfig):
-        return grc if grc.enabled else None
-    values = dict(GRC_DEFAULTS)
-    if isinstance(grc, Mapping):
-        values.update({k: v for k, v in grc.items() if v is not None})
-    if not values.pop("enabled", True):
-        return None
-    return GRCConfig.make(**values)
+    """``grc`` (None / bool / mapping / GRCConfig) -> GRCConfig over this task's ``GRC_DEFAULTS``, or None (off)."""
+    return optional_grc_config(grc, GRC_DEFAULTS)
 
 
 class MlpBlock(nn.Module):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cached_transformers import GRCAttention, GRCConfig
+from cached_transformers.grc import optional_grc_config
 
 from .dictionary import PAD_ID
 
@@ -291,13 +292,5 @@ class TransformerModel(nn.Module):
 
 
 def grc_config(grc: Any) -> GRCConfig | None:
-    """None / False / mapping / GRCConfig -> GRCConfig with the language defaults, or None (baseline)."""
-    if grc is None or grc is False:
-        return None
-    if isinstance(grc, GRCConfig):
-        return grc if grc.enabled else None
-    values = dict(GRC_DEFAULTS)
-    values.update({k: v for k, v in dict(grc).items() if v is not None})
-    if not values.pop("enabled", True):
-        return None
-    return GRCConfig.make(**values)
+    """``grc`` (None / bool / mapping / GRCConfig) -> GRCConfig over this task's ``GRC_DEFAULTS``, or None (off)."""
+    return optional_grc_config(grc, GRC_DEFAULTS)
