@@ -149,6 +149,111 @@ def lm_layer(causal=True, padding="valid", cache_len=12):
     return GRCAttention(32, 4, SelfAttention(32, 4, causal=causal), cache_len=cache_len, config=cfg)
 
 
+def causal_summaries(layer, x):
+    """The batch-mean summary a causal layer folds into its cache one step later (its self branch, resized)."""
+    with torch.no_grad():
+        _, _, xu = layer._self_branch(x, None, None, None, {})
+    return xu.mean(0, keepdim=True)
+
+
+def test_causal_cache_follows_the_one_step_delayed_recurrence():
+    """Forward t reads R_t = GRC(R_{t-1}, P_{t-1}) (R_0 = P_0 = 0) and stores (R_t, P_t = mean_b X_t): one write."""
+    torch.manual_seed(3)
+    layer = lm_layer().train()
+    assert {"cache", "pending"} <= dict(layer.named_buffers()).keys()
+    r = torch.zeros(1, 12, layer.mem_dim)
+    p = torch.zeros_like(r)
+    for step in range(4):
+        x = torch.randn(3, 12, 32)
+        with torch.no_grad():
+            expected_read = layer._gated_update(r, p)
+        summary = causal_summaries(layer, x)
+        layer(x).sum().backward()
+        r, p = expected_read, summary
+        torch.testing.assert_close(layer.cache, r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.pending, p, rtol=1e-5, atol=1e-6)
+    frozen = [t.clone() for t in (layer.cache, layer.pending)]
+    with torch.no_grad():
+        layer(torch.randn(3, 12, 32))
+    layer.eval()(torch.randn(3, 12, 32))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, (layer.cache, layer.pending)))
+
+
+def test_causal_gates_learn_through_the_previous_step():
+    """The memory branch reads GRC(cache, pending) computed in this step's graph: gates, candidate, memory
+    attention and lambda all get a gradient (the old causal mode read a detached cache: zero gradient)."""
+    torch.manual_seed(4)
+    layer = lm_layer().train()
+    layer(torch.randn(2, 12, 32)).sum().backward()  # first step: reads GRC(0, 0), already a gradient path
+    layer.zero_grad()
+    out = layer(torch.randn(2, 12, 32))
+    out.square().sum().backward()
+    for name in ("gate.weight", "gate.bias", "cand.weight", "cand_norm.weight", "lam", "mem_attn.kv.weight"):
+        grad = dict(layer.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    # and the gradient is that of the one-step recurrence: a finite difference on one gate weight agrees
+    with torch.no_grad():
+        w = layer.gate.weight
+        x = torch.randn(2, 12, 32)
+        loss = lambda: copy.deepcopy(layer).eval()(x).square().sum()
+    layer.eval()
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    analytic = layer.gate.weight.grad[0, 0].item()
+    eps = 1e-3
+    with torch.no_grad():
+        w[0, 0] += eps
+        up = loss()
+        w[0, 0] -= 2 * eps
+        down = loss()
+        w[0, 0] += eps
+    assert abs((up - down).item() / (2 * eps) - analytic) <= 2e-2 * max(1.0, abs(analytic))
+
+
+def test_causal_output_of_a_sample_depends_on_neither_its_batch_nor_later_tokens():
+    torch.manual_seed(5)
+    layer = lm_layer().train()
+    layer(torch.randn(4, 12, 32))
+    x = torch.randn(3, 12, 32)
+    y = x.clone()
+    y[1:] = torch.randn_like(y[1:])
+    a, b = copy.deepcopy(layer), copy.deepcopy(layer)
+    torch.testing.assert_close(a(x)[0], b(y)[0])  # in training too: the current batch only reaches `pending`
+
+
+def test_causal_checkpoint_recomputation_writes_once_with_the_same_gradients():
+    torch.manual_seed(6)
+    layer = lm_layer().train()
+    layer(torch.randn(2, 12, 32)).sum().backward()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 12, 32, requires_grad=True)
+    xt = x.detach().clone().requires_grad_(True)
+    checkpoint(layer, x, use_reentrant=False).square().sum().backward()
+    twin(xt).square().sum().backward()
+    torch.testing.assert_close(layer.cache, twin.cache)
+    torch.testing.assert_close(layer.pending, twin.pending)
+    torch.testing.assert_close(layer.gate.weight.grad, twin.gate.weight.grad)
+    torch.testing.assert_close(x.grad, xt.grad)
+
+
+def test_causal_state_round_trips_and_resumes_exactly():
+    torch.manual_seed(7)
+    data = [torch.randn(2, 12, 32) for _ in range(4)]
+    layer = lm_layer().train()
+    for x in data[:2]:
+        layer(x)
+    resumed = lm_layer()
+    resumed.load_state_dict(layer.state_dict(), strict=True)
+    resumed.train()
+    for x in data[2:]:
+        torch.testing.assert_close(resumed(x), layer(x))
+    torch.testing.assert_close(resumed.pending, layer.pending)
+    reset_caches(resumed)
+    assert resumed.cache.abs().sum() == 0 and resumed.pending.abs().sum() == 0
+    other = lm_layer(causal=False)  # a non-causal layer has no pending buffer: its checkpoints are unchanged
+    assert "pending" not in other.state_dict()
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_causal_mode_does_not_leak_future_tokens(training):
     layer = lm_layer()
@@ -263,7 +368,7 @@ def test_model_helpers_copy_and_report():
 
 
 # ---------------------------------------------------------------- multi-process sync (gloo)
-def _sync_worker(rank, world, init_file, sync, out_dir):
+def _sync_worker(rank, world, init_file, sync, out_dir, causal=False):
     import torch.distributed as dist
 
     from cached_transformers import sync_caches
@@ -277,7 +382,8 @@ def _sync_worker(rank, world, init_file, sync, out_dir):
                 return _orig(*a, **k)
             setattr(dist, name, counting)
     torch.manual_seed(0)
-    model = torch.nn.ModuleList([make_pvt_layer(config=GRCConfig.make(sync=sync)) for _ in range(3)]).train()
+    model = torch.nn.ModuleList([make_pvt_layer(config=GRCConfig.make(sync=sync, causal=causal))
+                                 for _ in range(3)]).train()
     torch.manual_seed(100 + rank)  # every rank sees different data ...
     for _ in range(1 + rank):      # ... and runs a different number of forwards (micro-batches): no hang
         x = torch.randn(2, 64, 64)
@@ -286,16 +392,19 @@ def _sync_worker(rank, world, init_file, sync, out_dir):
         x.sum().backward()
     assert not calls, f"the layers communicated inside forward/backward: {calls}"
     issued = sync_caches(model)
-    torch.save({"caches": [layer.cache for layer in model], "calls": calls, "issued": issued},
+    torch.save({"caches": [t for layer in model for t in layer.state_tensors()], "calls": calls, "issued": issued},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sync,identical", [("mean", True), ("none", False)])
-def test_cache_sync_is_one_collective_per_step_across_two_gloo_processes(sync, identical):
+@pytest.mark.parametrize("sync,identical,causal", [("mean", True, False), ("none", False, False),
+                                                   ("mean", True, True)])
+def test_cache_sync_is_one_collective_per_step_across_two_gloo_processes(sync, identical, causal):
+    """Causal layers: the cache and the pending summary, in the same one collective."""
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_sync_worker, args=(2, os.path.join(d, "init"), sync, d), nprocs=2, join=True)
+        mp.spawn(_sync_worker, args=(2, os.path.join(d, "init"), sync, d, causal), nprocs=2, join=True)
         r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in (0, 1))
+    assert len(r0["caches"]) == (6 if causal else 3)
     assert all(torch.equal(a, b) is identical for a, b in zip(r0["caches"], r1["caches"]))
     expected = ["all_reduce"] if sync == "mean" else []  # one collective for all three layers
     assert r0["calls"] == r1["calls"] == expected and r0["issued"] == len(expected)
@@ -336,10 +445,13 @@ def test_pair_grouped_conv_equals_the_grouped_conv_with_exact_gradients(bias):
         pair_grouped_conv3x3(x, torch.randn(8, 1, 3, 3, dtype=torch.float64), None)
 
 
-def test_positional_conv_is_the_same_in_training_and_inference():
+def test_positional_conv_is_the_grouped_conv_in_training_and_inference():
     layer = make_pvt_layer(prefix=1, sr=1)
     x = torch.randn(2, 65, 64, requires_grad=True)
-    trained = layer._positional(x, (8, 8))                   # autograd path: two depthwise convs
+    grid = x.detach()[:, 1:].reshape(2, 8, 8, 64).permute(0, 3, 1, 2)
+    expected = layer.pos_conv(grid).flatten(2).transpose(1, 2)  # the released module's grouped conv
+    trained = layer._positional(x, (8, 8))                   # two depthwise convs, hand-written backward
     with torch.no_grad():
-        inferred = layer._positional(x, (8, 8))              # inference path: the grouped conv
-    torch.testing.assert_close(trained, inferred, rtol=1e-5, atol=1e-5)
+        inferred = layer._positional(x, (8, 8))
+    torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inferred, expected, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,21 @@ forward that read the old tensor, and any recomputation of it, keep that value: 
 The layer never communicates across processes: ``sync_caches`` (``sync.py``) averages all caches of a
 model in one collective once per optimisation step.
 
+Causal mode (``config.causal``, language modelling): the memory branch may not see the current batch
+(a position would see later tokens through the cache), so it reads the cache of the previous step, and
+the gates get their gradient the way recurrent memories do, by truncated back-propagation over one
+step. The layer keeps two float32 buffers, ``cache`` = C_{t-2} and ``pending`` = the batch-mean summary
+of the previous training forward; forward t computes C_{t-1} = GRC(C_{t-2}, pending) *inside its own
+graph* (so the loss of step t trains the gates and the candidate), attends to it, and writes
+``cache <- C_{t-1}`` and ``pending <- mean_b X_t`` (both detached): still one write per training
+forward, none in eval / ``no_grad`` / recomputation, and no position ever sees its own batch. The
+first forward reads C_1 = GRC(0, 0) (a learned initial cache), so every parameter takes part in every
+step (DDP needs no ``find_unused_parameters``). Eval reads GRC(cache, pending), the cache the next
+training step would read. The summary is averaged over the batch *before* the update (the
+non-causal mode averages the updated caches): then the whole state is two 1 x T_m x D_m tensors,
+which ``sync_caches`` averages across ranks exactly (equal per-rank batches give the single-process
+state of the global batch) and which checkpoints hold at a fixed shape.
+
 Speed: the reset and update gates are one fused ``Linear(2 D_m -> 2 D_m)``; the cache-side half of
 the gate projections is computed once per step on the 1 x T_m stored cache rather than per sample;
 the summary-side projections of the three gates share one GEMM; the update is one ``torch.lerp``;
@@ -114,9 +129,11 @@ class GRCAttention(nn.Module):
         self.pos_conv = (nn.Conv2d(dim, dim, 3, padding=1, groups=dm)
                          if cfg.pos_encoding == "conv" else None)
         self.register_buffer("cache", torch.zeros(1, cache_len, dm))
+        if cfg.causal:  # the previous training forward's batch-mean summary (see the module doc)
+            self.register_buffer("pending", torch.zeros(1, cache_len, dm))
         # eager bookkeeping for checkpoint recomputation: what the last write read, and whether the last
         # forward outside backward wrote (compiled code never recomputes in Python and skips both)
-        self._prev_cache: torch.Tensor | None = None
+        self._prev_state: tuple[torch.Tensor, ...] | None = None
         self._last_forward_wrote = False
         self.record_branches = False  # set True to keep o_self / o_mem of the last forward (Fig. 4)
         self.last_branches: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -126,32 +143,38 @@ class GRCAttention(nn.Module):
     def cache_len(self) -> int:
         return self.cache.shape[1]
 
-    def reset_cache(self) -> None:
-        """Zero the stored cache (e.g. before fine-tuning on another task)."""
-        self.cache.zero_()
-        self._prev_cache = None
+    def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The stored state: ``(cache,)``, or ``(cache, pending)`` in causal mode (what sync and EMA copy)."""
+        return (self.cache, self.pending) if self.config.causal else (self.cache,)
 
-    def _read_cache(self) -> tuple[torch.Tensor, bool]:
-        """(the stored cache this forward reads, whether this forward writes it).
+    def reset_cache(self) -> None:
+        """Zero the stored cache (e.g. before fine-tuning on another task); causal mode: the pending summary too."""
+        for t in self.state_tensors():
+            t.zero_()
+        self._prev_state = None
+
+    def _read_state(self) -> tuple[tuple[torch.Tensor, ...], bool]:
+        """(the stored state this forward reads, whether this forward writes it).
 
         A training forward with gradients writes; a checkpoint recomputation (eager only) reads what
-        the original forward read and writes nothing; everything else reads the cache as it is.
+        the original forward read and writes nothing; everything else reads the state as it is.
         """
+        state = self.state_tensors()
         if not self.training:
-            return self.cache, False
+            return state, False
         if _recomputing():
-            if not self._last_forward_wrote or self._prev_cache is None:
+            if not self._last_forward_wrote or self._prev_state is None:
                 raise RuntimeError(REENTRANT_MESSAGE.format(name=self.extra_repr()))
-            return self._prev_cache, False
+            return self._prev_state, False
         write = torch.is_grad_enabled()
         if not write:
             if not torch.compiler.is_compiling():
                 self._last_forward_wrote = False
-            return self.cache, False
-        prev = self.cache  # the write below binds a new tensor: this one, which the graph saved, never changes
+            return state, False
+        # the write binds new tensors: these, which the graph saved, never change
         if not torch.compiler.is_compiling():
-            self._prev_cache, self._last_forward_wrote = prev, True
-        return prev, True
+            self._prev_state, self._last_forward_wrote = state, True
+        return state, True
 
     # ------------------------------------------------------------------ pieces of the forward
     def _positional(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -162,8 +185,9 @@ class GRCAttention(nn.Module):
             raise ValueError(f"GRC positional conv: {t - p} tokens do not fill the {h}x{w} grid.")
         grid_x = x[:, p:].reshape(b, h, w, c).permute(0, 3, 1, 2)  # channels-last view, no copy
         conv = self.pos_conv
-        if conv.in_channels // conv.groups == 2 and torch.is_grad_enabled() and x.requires_grad:
-            # training: two depthwise convs with a hand-written backward (grc/posconv.py), same sums
+        if conv.in_channels // conv.groups == 2:
+            # two depthwise convs (with a hand-written backward, grc/posconv.py), same sums: faster than
+            # oneDNN's 2-channel-group kernel in training and in inference
             return pair_grouped_conv3x3(grid_x, conv.weight, conv.bias).view(b, h * w, c)
         return conv(grid_x).flatten(2).transpose(1, 2)
 
@@ -255,15 +279,21 @@ class GRCAttention(nn.Module):
         cfg, dm = self.config, self.mem_dim
         s, source, xu = self._self_branch(x, H, W, key_padding_mask, host_kwargs)
 
-        prev, write = self._read_cache()
-        new = self._gated_update(prev, xu)                                 # B x T_m x D_m
-        if write:  # across processes the caches are averaged once per step by sync_caches()
-            # a new tensor, not an in-place copy: whatever read the old one (this forward's graph, a
-            # compiled checkpoint's recomputation) keeps reading the value this forward saw
-            self.cache = new.detach().mean(0, keepdim=True, dtype=torch.float32).to(self.cache.dtype)
+        state, write = self._read_state()
+        if cfg.causal:  # C_{t-1} = GRC(C_{t-2}, previous summary), in this graph; the current batch only goes to pending
+            new = self._gated_update(*state)                               # 1 x T_m x D_m
+            if write:
+                self.cache = new.detach().to(self.cache.dtype)
+                self.pending = xu.detach().mean(0, keepdim=True, dtype=torch.float32).to(self.pending.dtype)
+        else:
+            new = self._gated_update(state[0], xu)                         # B x T_m x D_m
+            if write:  # across processes the caches are averaged once per step by sync_caches()
+                # a new tensor, not an in-place copy: whatever read the old one (this forward's graph, a
+                # compiled checkpoint's recomputation) keeps reading the value this forward saw
+                self.cache = new.detach().mean(0, keepdim=True, dtype=torch.float32).to(self.cache.dtype)
 
         if cfg.causal:
-            kv = prev.expand(b, -1, -1)
+            kv = new.expand(b, -1, -1)
         elif cfg.mem_kv == "batch_mean" and self.training:
             kv = new.mean(0, keepdim=True).expand(b, -1, -1)
         else:  # per_sample; batch_mean in eval: each sample is its own batch, so no sample sees another

@@ -29,8 +29,9 @@ def sync_caches(model: nn.Module, group: dist.ProcessGroup | None = None) -> int
         return 0
     buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for layer in grc_layers(model).values():
-        if layer.config.sync == "mean":
-            buckets.setdefault((layer.cache.dtype, layer.cache.device), []).append(layer.cache)
+        if layer.config.sync == "mean":  # the cache, and in causal mode the pending summary too
+            for t in layer.state_tensors():
+                buckets.setdefault((t.dtype, t.device), []).append(t)
     world = dist.get_world_size(group)
     for caches in buckets.values():
         flat = torch.cat([c.reshape(-1) for c in caches])

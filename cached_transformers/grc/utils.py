@@ -40,7 +40,8 @@ def copy_caches(src: nn.Module, dst: nn.Module) -> int:
     for name, layer in grc_layers(dst).items():
         other = src_layers.get(strip(name))
         if other is not None:
-            layer.cache.copy_(other.cache)
+            for mine, theirs in zip(layer.state_tensors(), other.state_tensors()):  # causal: pending too
+                mine.copy_(theirs)
             count += 1
     return count
 

@@ -77,24 +77,25 @@ def resize_caches(sd: dict[str, torch.Tensor], model: nn.Module, resize: bool) -
     """
     resized = []
     for name, layer in grc_layers(model).items():
-        key = f"{name}.cache" if name else "cache"
-        if key not in sd:
-            continue
-        saved, want = sd[key], layer.cache
-        if saved.dim() != 3 or saved.shape[2] != want.shape[2]:
-            ratio = f" (r = {saved.shape[-1] / layer.dim:g})" if saved.dim() == 3 else ""
-            raise CheckpointMismatchError(
-                f"GRC cache width {tuple(saved.shape)} in the checkpoint but {tuple(want.shape)} in the model for "
-                f"{key}: the checkpoint was trained with another GRC ratio{ratio}, which cannot be resized; build the "
-                f"model with that ratio.")
-        if saved.shape[1] != want.shape[1]:
-            if not resize:
+        for buf in ("cache", "pending") if layer.config.causal else ("cache",):  # causal: the pending summary too
+            key = f"{name}.{buf}" if name else buf
+            if key not in sd:
+                continue
+            saved, want = sd[key], getattr(layer, buf)
+            if saved.dim() != 3 or saved.shape[2] != want.shape[2]:
+                ratio = f" (r = {saved.shape[-1] / layer.dim:g})" if saved.dim() == 3 else ""
                 raise CheckpointMismatchError(
-                    f"GRC cache length {saved.shape[1]} in the checkpoint but {want.shape[1]} in the model for {key}; "
-                    f"pass resize_cache=True to resize it (nearest along tokens), or build the model with the "
-                    f"img_size the checkpoint was trained at.")
-            sd[key] = resize_cache_tensor(saved, want.shape[1])
-            resized.append(key)
+                    f"GRC cache width {tuple(saved.shape)} in the checkpoint but {tuple(want.shape)} in the model for "
+                    f"{key}: the checkpoint was trained with another GRC ratio{ratio}, which cannot be resized; build the "
+                    f"model with that ratio.")
+            if saved.shape[1] != want.shape[1]:
+                if not resize:
+                    raise CheckpointMismatchError(
+                        f"GRC cache length {saved.shape[1]} in the checkpoint but {want.shape[1]} in the model for {key}; "
+                        f"pass resize_cache=True to resize it (nearest along tokens), or build the model with the "
+                        f"img_size the checkpoint was trained at.")
+                sd[key] = resize_cache_tensor(saved, want.shape[1])
+                resized.append(key)
     return resized
 
 
