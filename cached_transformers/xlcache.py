@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from timm.layers import register_notrace_module
 from timm.models.vision_transformer import Attention as TimmAttention
 
 from .grc.attention import SRAttention
@@ -32,6 +33,10 @@ __all__ = ["XLCacheMixin", "add_xl_cache", "xl_cache_layers", "reset_xl_caches"]
 
 
 def _in_backward() -> bool:
+    """True while autograd runs a backward pass (a non-reentrant checkpoint recomputing a forward); eager only:
+    compiled code recomputes inside its backward graph, never in Python (the GRC layer's rule, grc/layer.py)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -51,16 +56,23 @@ class XLCacheMixin:
         self.register_buffer("xl_k", None, persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("xl_v", None, persistent=False)  # type: ignore[attr-defined]
         self.cache_writes = 0
+        self._xl_prev: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # what the last write read
 
     def reset_cache(self) -> None:
         self.xl_k = self.xl_v = None
+        self._xl_prev = (None, None)
 
     def _with_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
         b = q.shape[0]
         ck, cv = self.xl_k, self.xl_v
-        if self.training and torch.is_grad_enabled() and not _in_backward():  # type: ignore[attr-defined]
+        if _in_backward():  # a checkpoint recomputation reads what its forward read, and writes nothing
+            ck, cv = self._xl_prev
+        elif self.training and torch.is_grad_enabled():  # type: ignore[attr-defined]
+            # rebinding (not copying) keeps the tensors this forward read unchanged for its graph
             self.xl_k, self.xl_v = k.detach(), v.detach()
-            self.cache_writes += 1
+            if not torch.compiler.is_compiling():  # Python bookkeeping stays out of compiled graphs
+                self._xl_prev = (ck, cv)
+                self.cache_writes += 1
         if ck is not None:
             idx = torch.arange(b, device=k.device) % ck.shape[0]
             k = torch.cat([ck[idx].to(k.dtype), k], dim=2)
@@ -69,6 +81,7 @@ class XLCacheMixin:
                                               dropout_p=dropout if self.training else 0.0)  # type: ignore[attr-defined]
 
 
+@register_notrace_module  # FX: a leaf, so a traced model keeps the run-time cache rules (as GRCAttention)
 class _XLTimmAttention(XLCacheMixin, TimmAttention):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
@@ -84,6 +97,7 @@ class _XLTimmAttention(XLCacheMixin, TimmAttention):
         return self.proj_drop(self.proj(out))
 
 
+@register_notrace_module
 class _XLSRAttention(XLCacheMixin, SRAttention):
     def forward(self, x: torch.Tensor, H: int | None = None, W: int | None = None, kv: torch.Tensor | None = None,
                 kv_hw: tuple[int, int] | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

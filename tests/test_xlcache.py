@@ -67,3 +67,100 @@ def test_the_cache_changes_the_output_and_holds_the_previous_batch():
 def test_unsupported_attention_is_a_clear_error():
     with pytest.raises(TypeError, match="No XL attention cache for Linear"):
         add_xl_cache(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------- traceable like the GRC models (issue 11)
+def small(name: str, **kw) -> torch.nn.Module:
+    extra = dict(depth=2) if name.startswith("vit") else {}
+    return timm.create_model(name, **SMALL, **extra, **kw)
+
+
+def xl_state(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [t for layer in xl_cache_layers(model) for t in (layer.xl_k, layer.xl_v)]
+
+
+def step(model: torch.nn.Module, x: torch.Tensor) -> None:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n, _ in PAIRS])
+def test_no_graph_breaks_and_compiled_equals_eager(name):
+    """Dynamo traces the XL-cache models as one graph in training (cache write included) and eval, and the
+    compiled model (Dynamo + AOTAutograd) gives eager's outputs, caches and gradients, no write in eval."""
+    import copy
+
+    torch.manual_seed(0)
+    eager = small(name)
+    x = torch.randn(2, 3, 64, 64)
+    probe = copy.deepcopy(eager)
+    for training in (True, False):
+        probe.train(training)
+        probe.train()(x) if not training else None  # eval reads a filled cache
+        probe.train(training)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(lambda inp: probe(inp).square().mean())(x)
+        assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+    compiled = copy.deepcopy(eager)
+    compiled.compile(backend="aot_eager")
+    for i in range(3):  # the first step runs without a cache, the later ones with the previous batch's
+        xi = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(i))
+        for model in (eager, compiled):
+            step(model, xi)
+        for a, b in zip(xl_state(compiled), xl_state(eager)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    before = [t.clone() for t in xl_state(compiled)]
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(xl_state(compiled), before))
+
+
+@pytest.mark.parametrize("name", [n for n, _ in PAIRS])
+def test_activation_checkpointing_recomputes_with_the_cache_its_forward_read(name):
+    """A non-reentrant checkpoint recomputes each block inside backward: it must read the cache the forward
+    read (not the one that forward wrote) and write nothing, so gradients equal the unchekpointed model's."""
+    import copy
+
+    torch.manual_seed(0)
+    plain = small(name)
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    for i in range(3):
+        xi = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(i))
+        for model in (plain, ckpt):
+            step(model, xi)
+        for a, b in zip(xl_state(ckpt), xl_state(plain)):
+            torch.testing.assert_close(a, b)
+        for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert all(layer.cache_writes == 3 for layer in xl_cache_layers(ckpt))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n, _ in PAIRS])
+def test_fx_forward_backward_and_export(name):
+    """timm's FX feature path and torch.export, as tests/test_tracing.py runs them for the GRC models: the
+    XL-cache attention is an FX leaf, so a traced model keeps the run-time cache rules."""
+    from test_tracing import fx_model, single
+
+    torch.manual_seed(0)
+    model = small(name)
+    x = torch.randn(2, 3, 64, 64)
+    model.train()(torch.randn(2, 3, 64, 64))  # fill the caches
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        before = [t.clone() for t in xl_state(model)]
+        torch.testing.assert_close(single(fx_model(model, train=False)(x)), expected, rtol=1e-5, atol=1e-5)
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), expected, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(xl_state(model), before))  # eval: no writes
+    traced = fx_model(model, train=True)
+    single(traced(x)).float().mean().backward()
+    assert all(p.grad is not None for p in model.parameters()), "every parameter gets a gradient through FX"
+    assert all(not torch.equal(a, b) for a, b in zip(xl_state(model), before))  # the traced training forward wrote
