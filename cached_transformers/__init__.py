@@ -5,7 +5,7 @@ The library depends on torch and timm only (no Hydra, no Lightning).
 """
 from .grc import (PRESETS, GRCAttention, GRCConfig, SelfAttention, SRAttention, copy_caches, grc_layers,
                   memory_width, mixing_weights, padding_to_attn_mask, reset_caches, split_grc_kwargs,
-                  sync_caches)
+                  sync_caches, synced_cache_state)
 from .convert import convert_reference_state_dict
 from . import models  # registers models with timm
 from .models import CheckpointMismatchError, PretrainedReport, load_pretrained
@@ -14,4 +14,5 @@ __all__ = [
     "CheckpointMismatchError", "GRCAttention", "GRCConfig", "PRESETS", "PretrainedReport",
     "convert_reference_state_dict", "load_pretrained", "SRAttention", "SelfAttention", "copy_caches", "grc_layers",
     "memory_width", "mixing_weights", "padding_to_attn_mask", "reset_caches", "split_grc_kwargs", "sync_caches",
+    "synced_cache_state",
 ]

@@ -412,6 +412,44 @@ def test_cache_sync_is_one_collective_per_step_across_two_gloo_processes(sync, i
         assert all(c.abs().sum() > 0 for c in r0["caches"])
 
 
+def _checkpoint_sync_worker(rank, world, init_file, out_dir):
+    """A checkpoint inside an accumulation window: the file gets the cross-rank mean, the ranks keep their own."""
+    import types
+
+    import torch.distributed as dist
+
+    from tasks.common.grc_sync import GRCCacheSync
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList([make_pvt_layer(config=GRCConfig.make(causal=c)) for c in (False, True)]).train()
+    torch.manual_seed(100 + rank)
+    for _ in range(2):  # two micro-batches, no sync yet (a causal cache reflects the data from its second step)
+        x = torch.randn(2, 64, 64)
+        for layer in model:
+            x = layer(x, 8, 8)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint = {"state_dict": model.state_dict()}
+    GRCCacheSync().on_save_checkpoint(types.SimpleNamespace(world_size=world), model, checkpoint)
+    torch.save({"own": own, "file": checkpoint["state_dict"], "live": model.state_dict()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_between_syncs_holds_the_averaged_caches_and_leaves_the_ranks_alone():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_checkpoint_sync_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
+        r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in (0, 1))
+    keys = ["0.cache", "1.cache", "1.pending"]
+    for key in keys:
+        assert not torch.equal(r0["own"][key], r1["own"][key])  # the ranks saw different data
+        mean = (r0["own"][key] + r1["own"][key]) / 2
+        torch.testing.assert_close(r0["file"][key], mean)
+        torch.testing.assert_close(r1["file"][key], mean)
+        for r in (r0, r1):  # training goes on with each rank's own caches
+            assert torch.equal(r["live"][key], r["own"][key])
+    assert torch.equal(r0["file"]["0.gate.weight"], r0["own"]["0.gate.weight"])  # parameters untouched
+
+
 def test_sync_caches_without_process_group_is_a_no_op():
     from cached_transformers import sync_caches
     layer = make_pvt_layer().train()

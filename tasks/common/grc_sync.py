@@ -5,8 +5,10 @@ The GRC layers do not communicate inside their forward. This callback calls ``sy
 last micro-batch of gradient accumulation and before the optimiser step. All ranks run the same
 optimisation steps, so the collectives always match, however many forwards each rank ran. The EMA
 update (after the step) and every checkpoint written at a step boundary therefore see the averaged
-caches. A checkpoint written inside an accumulation window (a validation or a signal between
-micro-batches) holds rank 0's caches as of its last micro-batch.
+caches. A checkpoint written inside an accumulation window (a validation between micro-batches, when
+``val_check_interval`` is not a multiple of ``accumulate_grad_batches``) gets the cross-rank average too,
+from ``on_save_checkpoint`` (``synced_cache_state``: one collective on every rank, the file's copies
+only), while each rank trains on with its own caches as if no checkpoint had been written.
 """
 from __future__ import annotations
 
@@ -23,3 +25,13 @@ class GRCCacheSync(pl.Callback):
             from cached_transformers import sync_caches
 
             sync_caches(pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Lightning calls this on every rank for every checkpoint (the file is written by rank 0 only)
+        if trainer.world_size > 1:
+            from cached_transformers import synced_cache_state
+
+            state = checkpoint.get("state_dict")
+            for key, value in synced_cache_state(pl_module).items():
+                if state is not None and key in state:
+                    state[key] = value.to(state[key].dtype)
