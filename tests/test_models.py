@@ -463,3 +463,25 @@ def test_every_model_and_baseline_under_fp16_and_bf16_autocast(name):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and all(bool(torch.isfinite(g).all()) for g in grads), dtype
         assert all(c.dtype == torch.float32 and c.abs().sum() > 0 for c in caches(model).values())
+
+
+@pytest.mark.slow
+def test_framework_compile_switch_makes_a_checkpointed_cached_model_one_graph():
+    """compile.enabled with activation checkpointing: the training module sets Dynamo's switch itself."""
+    from tasks.common.module import allow_cache_writes_under_checkpointing
+
+    model, x = build("vit_small_patch16_224_grc"), images()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):
+        assert not allow_cache_writes_under_checkpointing(model)  # no checkpointing: nothing to change
+        model.set_grad_checkpointing(True)
+        torch._dynamo.reset()
+        before = torch._dynamo.explain(lambda inp: copy.deepcopy(model).train()(inp).sum())(x)
+        assert before.graph_break_count > 0  # Dynamo refuses the cache write inside a checkpointed block
+        assert allow_cache_writes_under_checkpointing(model)
+        assert torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint
+        torch._dynamo.reset()
+        after = torch._dynamo.explain(lambda inp: copy.deepcopy(model).train()(inp).sum())(x)
+        assert after.graph_break_count == 0 and after.graph_count == 1
+    baseline = timm.create_model("vit_small_patch16_224", img_size=64, depth=2)
+    baseline.set_grad_checkpointing(True)
+    assert not allow_cache_writes_under_checkpointing(baseline)  # no caches: Dynamo's default stays

@@ -37,6 +37,25 @@ from .seeding import collect_rng_states, derive_seed, restore_rng_states, seed_g
 log = logging.getLogger(__name__)
 
 
+
+def allow_cache_writes_under_checkpointing(model: torch.nn.Module) -> bool:
+    """Before compiling a model with activation checkpointing and GRC or XL caches: let Dynamo keep the
+    cache write in the checkpointed forward (``skip_fwd_side_effects_in_bwd_under_checkpoint``), which is the
+    caches' own rule (write in the forward, never in the recomputation). Without it Dynamo breaks the
+    graph at every checkpointed block (still exact, slower). Returns whether it was set."""
+    from cached_transformers import grc_layers
+    from cached_transformers.xlcache import xl_cache_layers
+
+    checkpointing = any(getattr(m, "grad_checkpointing", False) is True for m in model.modules())
+    if not checkpointing or not (grc_layers(model) or xl_cache_layers(model)):
+        return False
+    import torch._dynamo
+
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    log.info("compile with activation checkpointing: Dynamo keeps the cache writes of checkpointed blocks "
+             "in their forward (skip_fwd_side_effects_in_bwd_under_checkpoint=True), so each block is one graph.")
+    return True
+
 class TaskModule(pl.LightningModule):
     """Base LightningModule. ``cfg`` is the resolved run config as a plain dict."""
 
@@ -162,6 +181,7 @@ class TaskModule(pl.LightningModule):
         opts = dict(self.cfg.get("compile") or {})
         if not opts.pop("enabled", False) or self._compiled:
             return
+        allow_cache_writes_under_checkpointing(self.model)
         self.model.compile(**{k: v for k, v in opts.items() if v is not None})
         self._compiled = True
 
