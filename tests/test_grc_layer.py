@@ -481,6 +481,9 @@ def test_pair_grouped_conv_equals_the_grouped_conv_with_exact_gradients(bias):
     assert torch.autograd.gradcheck(lambda *a: pair_grouped_conv3x3(a[0], a[1], a[2] if bias else None), inputs)
     with pytest.raises(ValueError, match="C x 2 x 3 x 3"):
         pair_grouped_conv3x3(x, torch.randn(8, 1, 3, 3, dtype=torch.float64), None)
+    # the custom op is registered correctly for torch.compile / export (fake tensors, autograd, schema)
+    from cached_transformers.grc.posconv import _pair_conv_op
+    torch.library.opcheck(_pair_conv_op, (x.detach().requires_grad_(True), w, b))
 
 
 def test_positional_conv_is_the_grouped_conv_in_training_and_inference():
