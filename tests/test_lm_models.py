@@ -8,7 +8,7 @@ import torch
 
 from tasks.language_modeling.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
 from tasks.language_modeling.data import SegmentDataset
-from tasks.language_modeling.models import RelMultiHeadAttn, TransformerXL, sinusoid
+from tasks.language_modeling.models import PRESETS, RelMultiHeadAttn, TransformerXL, sinusoid
 from tasks.language_modeling.module import stream_nll
 
 V = 60
@@ -61,6 +61,40 @@ def test_adaptive_softmax_is_a_normalised_distribution_tied_to_the_input_embeddi
     assert torch.allclose(torch.exp(-nll).sum(1), torch.ones(3), atol=1e-5)
     assert not any(p is q for p in sm.parameters() for q in emb.parameters())  # tables shared, not duplicated
     assert sm.emb[0] is emb
+
+
+@pytest.mark.parametrize("preset,count", [("base", 151_107_538), ("large", 285_170_506)])
+def test_wikitext103_presets_count_what_transformer_xl_code_builds(preset, count):
+    """Counts of Transformer-XL's code for run_wt103_{base,large}.sh (HuggingFace's port, untie_r=False, builds the
+    same; docs/language_modeling.md). Counted on the meta device: no memory, no time."""
+    with torch.device("meta"):
+        model = TransformerXL(267_735, **PRESETS[preset])
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_div_val_projects_every_cluster_and_the_softmax_ties_only_the_tail_projections():
+    """Transformer-XL with div_val > 1: a projection per cluster, the first (already d_proj wide) included; the
+    softmax shares the tail clusters' projections (tie_projs [False, True, ...]) and has its own for the head."""
+    torch.manual_seed(0)
+    emb = AdaptiveEmbedding(V, 16, 16, [10, 30], div_val=2)
+    sm = AdaptiveSoftmax(emb)
+    assert [tuple(emb.proj(i).shape) for i in range(3)] == [(16, 16), (16, 8), (16, 4)]
+    assert sm.head_proj.shape == (16, 16) and not any(sm.head_proj is p for p in emb.parameters())
+    for p in emb.parameters():
+        torch.nn.init.normal_(p)
+    h, head, tail = torch.randn(4, 16), torch.tensor([1, 2, 3, 4]), torch.tensor([40, 45, 50, 59])
+    before = sm(h, head), sm(h, tail)
+    with torch.no_grad():
+        emb.projs[0].add_(1.0)   # the input side of the head cluster: the softmax does not read it
+    assert torch.equal(sm(h, head), before[0]) and torch.equal(sm(h, tail), before[1])
+    with torch.no_grad():
+        emb.projs[2].add_(1.0)   # tied: the last cluster's words move, the head's words keep their logits
+    assert not torch.allclose(sm(h, tail), before[1]) and torch.equal(sm(h, head), before[0])
+    # div_val 1 (one table in Transformer-XL): one shared projection, only when d_embed != d_proj
+    assert len(AdaptiveEmbedding(V, 16, 16, [10, 30]).projs) == 0
+    one = AdaptiveEmbedding(V, 12, 16, [10, 30])
+    assert len(one.projs) == 1 and all(one.proj(i) is one.projs[0] for i in range(3))
+    assert AdaptiveSoftmax(one).head_proj.shape == (16, 12)
 
 
 @pytest.mark.parametrize("tgt_len", [1, 3, 7])

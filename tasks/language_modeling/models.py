@@ -203,12 +203,13 @@ class TransformerXL(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Transformer-XL's init: N(0, .02) weights and u/v, N(0, .01) embeddings and projections, zero biases,
-        LayerNorm weights N(1, .02); GRC's lambda keeps its init."""
+        """Transformer-XL's init (``init_std`` 0.02, ``proj_init_std`` 0.01): N(0, .02) weights, embedding tables
+        and u/v, N(0, .01) the adaptive projections, zero biases, LayerNorm weights N(1, .02); GRC's lambda keeps
+        its init."""
         for name, p in self.named_parameters():
             if name.endswith("lam"):
                 continue
-            if "word_emb" in name:
+            if name.startswith("word_emb.projs.") or name == "crit.head_proj":
                 nn.init.normal_(p, 0.0, 0.01)
             elif "norm" in name and name.endswith("weight"):
                 nn.init.normal_(p, 1.0, 0.02)
