@@ -8,8 +8,9 @@ import torch
 
 from tasks.language_modeling.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
 from tasks.language_modeling.data import SegmentDataset
+from tasks.common.errors import ConfigError
 from tasks.language_modeling.models import PRESETS, RelMultiHeadAttn, TransformerXL, sinusoid
-from tasks.language_modeling.module import stream_nll
+from tasks.language_modeling.module import build_model, stream_nll
 
 V = 60
 
@@ -95,6 +96,59 @@ def test_div_val_projects_every_cluster_and_the_softmax_ties_only_the_tail_proje
     one = AdaptiveEmbedding(V, 12, 16, [10, 30])
     assert len(one.projs) == 1 and all(one.proj(i) is one.projs[0] for i in range(3))
     assert AdaptiveSoftmax(one).head_proj.shape == (16, 12)
+
+
+def _windowed_reference(model, tokens, window):
+    """NLL of every token when position p sees only tokens p - window + 1 ... p: each window run on its own."""
+    out = []
+    with torch.no_grad():
+        for p in range(tokens.shape[1] - 1):
+            lo = max(0, p - window + 1)
+            nll, _ = model(tokens[:, lo:p + 1], tokens[:, lo + 1:p + 2])
+            out.append(nll[:, -1])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("window,tgt_len", [(5, 3), (3, 5), (4, 4), (1, 3)])
+def test_same_length_attends_to_exactly_the_last_eval_mem_len_positions(window, tgt_len):
+    """One layer: its memory is the token embeddings, so with same_length the NLL at position p must equal the
+    model run on tokens p - W + 1 ... p alone (relative attention sees the same keys at the same distances)."""
+    model = _model("xl", n_layer=1, mem_len=2, eval_mem_len=window, clamp_len=3, same_length=True)
+    tracks = torch.randint(0, V, (2, 14))
+    ds = SegmentDataset(tracks, tgt_len)
+    state, got = None, []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            nll, state = model(ds[i]["input"], ds[i]["target"], state)
+            got.append(nll)
+    assert torch.allclose(torch.cat(got, 1), _windowed_reference(model, tracks, window), atol=1e-5)
+    # the rule itself, every row: keys up to the query, and exactly min(W, keys so far) of them
+    for q, m in ((3, 0), (3, 4), (6, 2), (2, 9)):
+        mask = model.attention_mask(q, m)
+        for i in range(q):
+            seen = [j for j in range(q + m) if not mask[i, j]]
+            assert seen == list(range(max(0, m + i - window + 1), m + i + 1))
+
+
+def test_same_length_is_for_evaluation_only_and_off_keeps_the_causal_mask():
+    on = _model("xl", mem_len=4, eval_mem_len=6, same_length=True)
+    off = _model("xl", mem_len=4, eval_mem_len=6)
+    causal = torch.ones(5, 12, dtype=torch.bool).triu(1 + 7)
+    assert torch.equal(off.attention_mask(5, 7), causal) and torch.equal(on.train().attention_mask(5, 7), causal)
+    assert not torch.equal(on.eval().attention_mask(5, 7), causal)
+    x = torch.randint(0, V, (2, 5))
+    state_on = state_off = None
+    for _ in range(3):  # training: same memory, same outputs
+        a, state_on = on.train()(x, x, state_on)
+        b, state_off = off.train()(x, x, state_off)
+        assert torch.equal(a, b)
+
+
+def test_same_length_needs_the_xl_memory():
+    with pytest.raises(ValueError, match="same_length applies to the Transformer-XL memory only"):
+        _model("grc", mem_len=4, same_length=True)
+    with pytest.raises(ConfigError, match="needs eval_mem_len >= 1"):
+        build_model({"name": "x", "preset": "base", "n_layer": 1, "mem_len": 0, "same_length": True}, V)
 
 
 @pytest.mark.parametrize("tgt_len", [1, 3, 7])

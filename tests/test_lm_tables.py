@@ -41,6 +41,10 @@ def test_table5_rows_pin_transformer_xl_recipes(name):
     assert cfg.model.n_layer == (18 if large else 16) and cfg.model.d_model == (1024 if large else 410)
     assert cfg.data.tgt_len == (384 if large else 150) and cfg.trainer.gradient_clip_val == 0.25
     assert cfg.callbacks.model_checkpoint.monitor == "val/ppl" and cfg.task.test_with_best
+    # Transformer-XL's eval.py: 64 / 128-token segments, memory 640 / 1600, clamp 400 / 1000, same_length (XL only)
+    assert (cfg.data.eval_tgt_len, cfg.model.eval_mem_len, cfg.model.clamp_len) == ((128, 1600, 1000) if large
+                                                                                     else (64, 640, 400))
+    assert cfg.model.same_length == name.endswith("_baseline")
 
 
 @pytest.mark.parametrize("table,n", [(2, 9), (5, 4)])

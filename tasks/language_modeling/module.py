@@ -30,8 +30,8 @@ from .models import PRESETS, TransformerXL, detach_state, map_state
 log = logging.getLogger(__name__)
 
 _MODEL_KEYS = {"preset", "memory", "n_layer", "d_model", "n_head", "d_head", "d_inner", "dropout", "dropatt",
-               "d_embed", "cutoffs", "div_val", "mem_len", "clamp_len", "eval_mem_len", "grc_ratio",
-               "grc_lambda_init"}
+               "d_embed", "cutoffs", "div_val", "mem_len", "clamp_len", "eval_mem_len", "same_length",
+               "grc_ratio", "grc_lambda_init"}
 
 
 def build_model(model_cfg: Mapping[str, Any], n_token: int) -> TransformerXL:
