@@ -8,8 +8,9 @@ import torch
 
 from tasks.language_modeling.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
 from tasks.language_modeling.data import SegmentDataset
-from tasks.language_modeling.models import RelMultiHeadAttn, TransformerXL, sinusoid
-from tasks.language_modeling.module import stream_nll
+from tasks.common.errors import ConfigError
+from tasks.language_modeling.models import PRESETS, RelMultiHeadAttn, TransformerXL, sinusoid
+from tasks.language_modeling.module import build_model, stream_nll
 
 V = 60
 
@@ -61,6 +62,93 @@ def test_adaptive_softmax_is_a_normalised_distribution_tied_to_the_input_embeddi
     assert torch.allclose(torch.exp(-nll).sum(1), torch.ones(3), atol=1e-5)
     assert not any(p is q for p in sm.parameters() for q in emb.parameters())  # tables shared, not duplicated
     assert sm.emb[0] is emb
+
+
+@pytest.mark.parametrize("preset,count", [("base", 151_107_538), ("large", 285_170_506)])
+def test_wikitext103_presets_count_what_transformer_xl_code_builds(preset, count):
+    """Counts of Transformer-XL's code for run_wt103_{base,large}.sh (HuggingFace's port, untie_r=False, builds the
+    same; docs/language_modeling.md). Counted on the meta device: no memory, no time."""
+    with torch.device("meta"):
+        model = TransformerXL(267_735, **PRESETS[preset])
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_div_val_projects_every_cluster_and_the_softmax_ties_only_the_tail_projections():
+    """Transformer-XL with div_val > 1: a projection per cluster, the first (already d_proj wide) included; the
+    softmax shares the tail clusters' projections (tie_projs [False, True, ...]) and has its own for the head."""
+    torch.manual_seed(0)
+    emb = AdaptiveEmbedding(V, 16, 16, [10, 30], div_val=2)
+    sm = AdaptiveSoftmax(emb)
+    assert [tuple(emb.proj(i).shape) for i in range(3)] == [(16, 16), (16, 8), (16, 4)]
+    assert sm.head_proj.shape == (16, 16) and not any(sm.head_proj is p for p in emb.parameters())
+    for p in emb.parameters():
+        torch.nn.init.normal_(p)
+    h, head, tail = torch.randn(4, 16), torch.tensor([1, 2, 3, 4]), torch.tensor([40, 45, 50, 59])
+    before = sm(h, head), sm(h, tail)
+    with torch.no_grad():
+        emb.projs[0].add_(1.0)   # the input side of the head cluster: the softmax does not read it
+    assert torch.equal(sm(h, head), before[0]) and torch.equal(sm(h, tail), before[1])
+    with torch.no_grad():
+        emb.projs[2].add_(1.0)   # tied: the last cluster's words move, the head's words keep their logits
+    assert not torch.allclose(sm(h, tail), before[1]) and torch.equal(sm(h, head), before[0])
+    # div_val 1 (one table in Transformer-XL): one shared projection, only when d_embed != d_proj
+    assert len(AdaptiveEmbedding(V, 16, 16, [10, 30]).projs) == 0
+    one = AdaptiveEmbedding(V, 12, 16, [10, 30])
+    assert len(one.projs) == 1 and all(one.proj(i) is one.projs[0] for i in range(3))
+    assert AdaptiveSoftmax(one).head_proj.shape == (16, 12)
+
+
+def _windowed_reference(model, tokens, window):
+    """NLL of every token when position p sees only tokens p - window + 1 ... p: each window run on its own."""
+    out = []
+    with torch.no_grad():
+        for p in range(tokens.shape[1] - 1):
+            lo = max(0, p - window + 1)
+            nll, _ = model(tokens[:, lo:p + 1], tokens[:, lo + 1:p + 2])
+            out.append(nll[:, -1])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("window,tgt_len", [(5, 3), (3, 5), (4, 4), (1, 3)])
+def test_same_length_attends_to_exactly_the_last_eval_mem_len_positions(window, tgt_len):
+    """One layer: its memory is the token embeddings, so with same_length the NLL at position p must equal the
+    model run on tokens p - W + 1 ... p alone (relative attention sees the same keys at the same distances)."""
+    model = _model("xl", n_layer=1, mem_len=2, eval_mem_len=window, clamp_len=3, same_length=True)
+    tracks = torch.randint(0, V, (2, 14))
+    ds = SegmentDataset(tracks, tgt_len)
+    state, got = None, []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            nll, state = model(ds[i]["input"], ds[i]["target"], state)
+            got.append(nll)
+    assert torch.allclose(torch.cat(got, 1), _windowed_reference(model, tracks, window), atol=1e-5)
+    # the rule itself, every row: keys up to the query, and exactly min(W, keys so far) of them
+    for q, m in ((3, 0), (3, 4), (6, 2), (2, 9)):
+        mask = model.attention_mask(q, m)
+        for i in range(q):
+            seen = [j for j in range(q + m) if not mask[i, j]]
+            assert seen == list(range(max(0, m + i - window + 1), m + i + 1))
+
+
+def test_same_length_is_for_evaluation_only_and_off_keeps_the_causal_mask():
+    on = _model("xl", mem_len=4, eval_mem_len=6, same_length=True)
+    off = _model("xl", mem_len=4, eval_mem_len=6)
+    causal = torch.ones(5, 12, dtype=torch.bool).triu(1 + 7)
+    assert torch.equal(off.attention_mask(5, 7), causal) and torch.equal(on.train().attention_mask(5, 7), causal)
+    assert not torch.equal(on.eval().attention_mask(5, 7), causal)
+    x = torch.randint(0, V, (2, 5))
+    state_on = state_off = None
+    for _ in range(3):  # training: same memory, same outputs
+        a, state_on = on.train()(x, x, state_on)
+        b, state_off = off.train()(x, x, state_off)
+        assert torch.equal(a, b)
+
+
+def test_same_length_needs_the_xl_memory():
+    with pytest.raises(ValueError, match="same_length applies to the Transformer-XL memory only"):
+        _model("grc", mem_len=4, same_length=True)
+    with pytest.raises(ConfigError, match="needs eval_mem_len >= 1"):
+        build_model({"name": "x", "preset": "base", "n_layer": 1, "mem_len": 0, "same_length": True}, V)
 
 
 @pytest.mark.parametrize("tgt_len", [1, 3, 7])

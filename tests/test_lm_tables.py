@@ -7,16 +7,17 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from tasks.language_modeling.data import rank_tracks
 from tasks.paper.compare import compare_paths, to_markdown
-from tasks.paper.sweep import build_sweep_command, paper_experiments
+from tasks.paper.sweep import build_sweep_command, launcher_settings, paper_experiments
 from tests.conftest import compose_config
 
 T2 = [f"table2_{r}_{v}" for r in ("vit_s", "pvt_tiny", "pvt_small") for v in ("baseline", "xlcache", "cached")]
 T5 = [f"table5_transformer_xl_{s}_{v}" for s in ("base", "large") for v in ("baseline", "cached")]
 
 
-def _cfg(name: str):
-    cfg = compose_config([f"experiment=paper/{name}", "paths.run_dir=unused"])
+def _cfg(name: str, *overrides: str):
+    cfg = compose_config([f"experiment=paper/{name}", "paths.run_dir=unused", *overrides])
     OmegaConf.resolve(cfg)
     return cfg
 
@@ -41,6 +42,28 @@ def test_table5_rows_pin_transformer_xl_recipes(name):
     assert cfg.model.n_layer == (18 if large else 16) and cfg.model.d_model == (1024 if large else 410)
     assert cfg.data.tgt_len == (384 if large else 150) and cfg.trainer.gradient_clip_val == 0.25
     assert cfg.callbacks.model_checkpoint.monitor == "val/ppl" and cfg.task.test_with_best
+    # Transformer-XL's eval.py: 64 / 128-token segments, memory 640 / 1600, clamp 400 / 1000, same_length (XL only)
+    assert (cfg.data.eval_tgt_len, cfg.model.eval_mem_len, cfg.model.clamp_len) == ((128, 1600, 1000) if large
+                                                                                     else (64, 640, 400))
+    assert cfg.model.same_length == name.endswith("_baseline")
+    # run_wt103_{base,large}.sh --batch_size 60 / 128 tracks in all; eval.py's 10
+    assert (cfg.data.tracks, cfg.data.eval_tracks) == ((128, 10) if large else (60, 10))
+    assert cfg.trainer.devices == (8 if large else 4)  # base: Transformer-XL's 4 GPUs, 15 tracks each
+
+
+@pytest.mark.parametrize("name", T5)
+def test_table5_sweep_runs_transformer_xl_track_counts_on_its_8_gpu_jobs(name):
+    """scripts/sweep.py --table 5 gives every job the launcher's 8 GPUs; the rows keep their tracks in all."""
+    cmd = build_sweep_command(5, python="python")
+    hw = [c for c in cmd if c.startswith(("trainer.devices=", "trainer.num_nodes=", "hydra/launcher="))]
+    assert hw == ["hydra/launcher=slurm_8gpu", "trainer.devices=8", "trainer.num_nodes=1"]
+    settings = launcher_settings("slurm_8gpu", cmd)
+    assert (settings["nodes"], settings["gpus_per_node"], settings["tasks_per_node"]) == (1, 8, 8)
+    cfg = _cfg(name, *hw[1:])
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    per_rank = [len(rank_tracks(cfg.data.tracks, r, world)) for r in range(world)]
+    assert per_rank == ([16] * 8 if "_large_" in name else [8, 8, 8, 8, 7, 7, 7, 7])
+    assert [len(rank_tracks(cfg.data.eval_tracks, r, world)) for r in range(world)] == [2, 2, 1, 1, 1, 1, 1, 1]
 
 
 @pytest.mark.parametrize("table,n", [(2, 9), (5, 4)])

@@ -73,12 +73,22 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(corpus, tmp_path):
 def test_memory_checkpoint_keeps_each_process_tracks():
     from tasks.language_modeling.module import pack_memory, unpack_memory
 
-    per_rank = [[(torch.full((2, 3), float(r)), torch.full((2, 3), 10.0 + r))] for r in range(2)]
-    # what all_gather gives every rank: the ranks' tensors stacked
-    gathered = pack_memory(per_rank[0], 2, lambda t: torch.stack([t, t + 1]))
+    # two processes holding 3 and 2 tracks (data.tracks=5): GRC-style state, one (cache, pending) pair per layer
+    per_rank = [[(torch.full((n, 3), float(r)), torch.full((n, 3), 10.0 + r))] for r, n in enumerate((3, 2))]
+
+    def all_gather(t):  # what every rank receives: the ranks' (padded) tensors stacked, in call order
+        k = next(calls)
+        if k == 0:
+            return torch.stack([torch.tensor([s[0][0].shape[0]]) for s in per_rank])
+        leaves = [[x for pair in s for x in pair][k - 1] for s in per_rank]
+        return torch.stack([torch.cat([x, x.new_zeros(t.shape[0] - x.shape[0], *x.shape[1:])]) for x in leaves])
+
+    calls = iter(range(100))
+    gathered, rows = pack_memory(per_rank[1], 2, all_gather)
+    assert rows == [3, 2]
     for rank in range(2):
-        mine = unpack_memory(gathered, 2, 2, rank)
+        mine = unpack_memory(gathered, 2, 2, rank, rows)
         assert torch.equal(mine[0][0], per_rank[rank][0][0]) and torch.equal(mine[0][1], per_rank[rank][0][1])
-    assert unpack_memory(gathered, 2, 1, 0) is None  # another process count: other tracks, empty memory
-    single = pack_memory(per_rank[1], 1, None)
-    assert torch.equal(unpack_memory(single, 1, 1, 0)[0][0], per_rank[1][0][0])
+    assert unpack_memory(gathered, 2, 1, 0, rows) is None  # another process count: other tracks, empty memory
+    single, rows = pack_memory(per_rank[1], 1, None)
+    assert rows is None and torch.equal(unpack_memory(single, 1, 1, 0)[0][0], per_rank[1][0][0])

@@ -1,11 +1,16 @@
 """Adaptive input embeddings and the adaptive softmax with tied weights (Transformer-XL's WikiText-103 setup).
 
 The vocabulary (ordered by train frequency) is cut at ``cutoffs`` into clusters; cluster i has
-embedding width ``d_embed // div_val**i`` and, when that differs from ``d_proj``, a projection to
-``d_proj``. The softmax reuses the same tables and projections (``tie_weight`` / ``tie_projs`` of
-Transformer-XL's WikiText-103 configs): the head predicts the first cluster's words plus one logit per
-tail cluster, a tail cluster's words are predicted within the cluster. torch's
-``nn.AdaptiveLogSoftmaxWithLoss`` cannot share its tables with an input embedding, hence this module.
+embedding width ``d_embed // div_val**i``. Projections to ``d_proj`` as in Transformer-XL's
+``AdaptiveEmbedding``: with ``div_val == 1`` (one table for the whole vocabulary there) one shared
+projection, only when ``d_embed != d_proj``; with ``div_val > 1`` one per cluster, the first cluster's
+included even when its width is ``d_proj``.
+
+The softmax reuses the tables (``tie_weight``) and the tail clusters' projections, but has its own
+projection for the head cluster: Transformer-XL's WikiText-103 setting ``tie_projs = [False, True,
+True, True]``. The head predicts the first cluster's words plus one logit per tail cluster, a tail
+cluster's words are predicted within the cluster. torch's ``nn.AdaptiveLogSoftmaxWithLoss`` cannot
+share its tables with an input embedding, hence this module.
 """
 from __future__ import annotations
 
@@ -27,16 +32,25 @@ class AdaptiveEmbedding(nn.Module):
 
     def __init__(self, n_token: int, d_embed: int, d_proj: int, cutoffs: list[int], div_val: int = 1):
         super().__init__()
+        if div_val < 1:
+            raise ValueError(f"div_val must be >= 1, got {div_val}.")
         self.bounds = cluster_bounds(n_token, cutoffs)
-        self.d_proj, self.scale = d_proj, d_proj ** 0.5
+        self.d_proj, self.div_val, self.scale = d_proj, int(div_val), d_proj ** 0.5
         self.layers = nn.ModuleList()
-        self.projs = nn.ParameterList()
+        self.projs = nn.ParameterList()  # div_val 1: [shared] or []; div_val > 1: one per cluster
         for i in range(len(self.bounds) - 1):
             d = d_embed // (div_val ** i)
             if d < 1:
                 raise ValueError(f"div_val {div_val} leaves cluster {i} with no embedding width (d_embed {d_embed}).")
             self.layers.append(nn.Embedding(self.bounds[i + 1] - self.bounds[i], d))
-            self.projs.append(nn.Parameter(torch.empty(d_proj, d)) if d != d_proj else None)  # type: ignore[arg-type]
+            if div_val > 1 or (i == 0 and d != d_proj):
+                self.projs.append(nn.Parameter(torch.empty(d_proj, d)))
+
+    def proj(self, i: int) -> torch.Tensor | None:
+        """The d_proj x d_i projection of cluster ``i`` (None: the cluster is already ``d_proj`` wide)."""
+        if self.div_val > 1:
+            return self.projs[i]
+        return self.projs[0] if len(self.projs) else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = None
@@ -44,8 +58,9 @@ class AdaptiveEmbedding(nn.Module):
             lo, hi = self.bounds[i], self.bounds[i + 1]
             sel = (ids >= lo) & (ids < hi)
             emb = layer((ids - lo).clamp(0, hi - lo - 1))
-            if self.projs[i] is not None:
-                emb = F.linear(emb, self.projs[i])
+            proj = self.proj(i)
+            if proj is not None:
+                emb = F.linear(emb, proj)
             emb = emb * sel.unsqueeze(-1).to(emb.dtype)
             out = emb if out is None else out + emb
         return out * self.scale
@@ -67,9 +82,12 @@ class AdaptiveSoftmax(nn.Module):
         self.cluster_bias = nn.Parameter(torch.zeros(self.n_clusters))
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(bounds[i + 1] - bounds[i]))
                                         for i in range(len(bounds) - 1)])
+        # the head cluster's projection is the softmax's own (tie_projs[0] = False); N(0, 0.01) as Transformer-XL's
+        p0 = embedding.proj(0)
+        self.head_proj = None if p0 is None else nn.Parameter(torch.empty_like(p0).normal_(0.0, 0.01))
 
     def _proj(self, hidden: torch.Tensor, i: int) -> torch.Tensor:
-        proj = self.emb[0].projs[i]
+        proj = self.head_proj if i == 0 else self.emb[0].proj(i)
         return hidden if proj is None else hidden @ proj
 
     def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,12 @@ train word, ordered by frequency then first appearance; ``<unk>`` and ``<eos>`` 
 valid/test words missing from it map to ``<unk>`` and their count is logged.
 
 Stream batching (Transformer-XL's ``LMOrderedIterator``): a split's token stream of N tokens is cut
-into ``world * batch_size`` contiguous tracks of ``N // (world * batch_size)`` tokens (the remainder,
-fewer than ``world * batch_size`` tokens, is dropped and logged); process ``rank`` owns tracks
-``rank * batch_size ... (rank + 1) * batch_size - 1``. Segment ``i`` is the ``tgt_len`` tokens at
+into T contiguous tracks of ``N // T`` tokens (the remainder, fewer than T tokens, is dropped and
+logged). T is ``data.tracks`` (``data.eval_tracks`` for validation / test) when set, else
+``world * batch_size`` (``eval_batch_size``). The processes own consecutive runs of tracks, as equal as
+possible: with T = 60 on 8 processes, ranks 0-3 hold 8 tracks and ranks 4-7 hold 7 (Transformer-XL
+itself split its 60 tracks unevenly over its GPUs, 4 + 19 + 19 + 18). Every track has the same length,
+so every process reads the same number of segments. Segment ``i`` is the ``tgt_len`` tokens at
 offset ``i * tgt_len`` of every track (the last one may be shorter), with targets shifted by one, so
 consecutive batches continue the same text in every row: this is what lets the XL memory or the
 GRC cache of row ``b`` carry across batches. Segments come in order, never shuffled.
@@ -91,32 +94,45 @@ class Vocab:
         return torch.tensor(ids, dtype=torch.long), missing
 
 
-def batchify(stream: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, int]:
-    """(this rank's ``batch_size`` x L tracks, tokens dropped at the end of the stream).
+def rank_tracks(n_tracks: int, rank: int = 0, world: int = 1) -> range:
+    """The tracks process ``rank`` of ``world`` owns: a consecutive run, the first ``n_tracks % world`` ranks one more."""
+    if n_tracks < world:
+        raise DataError(f"{n_tracks} tracks cannot be shared by {world} processes (each needs at least one); set "
+                        f"data.tracks / data.eval_tracks to at least {world} or run fewer processes.")
+    base, extra = divmod(n_tracks, world)
+    first = rank * base + min(rank, extra)
+    return range(first, first + base + (rank < extra))
 
-    The stream is cut into ``world * batch_size`` contiguous tracks of equal length L; row b of the
-    result is track ``rank * batch_size + b``.
+
+def batchify(stream: torch.Tensor, n_tracks: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, int]:
+    """(this rank's tracks, rows x L, tokens dropped at the end of the stream).
+
+    The stream is cut into ``n_tracks`` contiguous tracks of equal length L; the rows of the result are the
+    tracks :func:`rank_tracks` gives this rank, in order.
     """
-    n_tracks = batch_size * world
+    own = rank_tracks(n_tracks, rank, world)
     length = stream.numel() // n_tracks
     if length < 2:
         raise DataError(f"A stream of {stream.numel()} tokens cannot be split into {n_tracks} tracks of at least "
-                        f"2 tokens; lower data.batch_size / data.eval_batch_size or use more text.")
+                        f"2 tokens; use fewer tracks (data.tracks / data.batch_size, or the eval_ ones) or more text.")
     tracks = stream[: length * n_tracks].view(n_tracks, length)
-    return tracks[rank * batch_size:(rank + 1) * batch_size].contiguous(), stream.numel() - length * n_tracks
+    return tracks[own.start:own.stop].contiguous(), stream.numel() - length * n_tracks
 
 
 class SegmentDataset(Dataset):
-    """Segment i of the tracks: ``{"input": B x t, "target": B x t, "segment": i}`` (t = tgt_len, last may be shorter).
+    """Segment i of the tracks: ``{"input": B x t, "target": B x t, "segment": i, "weight": w}`` (t = tgt_len, the
+    last may be shorter).
 
     Inputs are track positions ``[i*tgt_len, i*tgt_len + t)``, targets the next tokens; every token
-    but each track's first is a target exactly once.
+    but each track's first is a target exactly once. ``weight`` = (this process's tracks x processes) / all
+    tracks, 1 when the processes hold equally many: the training loss is scaled by it, so that DDP's mean of
+    the processes' gradients is the gradient of the mean over every track's tokens.
     """
 
-    def __init__(self, tracks: torch.Tensor, tgt_len: int):
+    def __init__(self, tracks: torch.Tensor, tgt_len: int, weight: float = 1.0):
         if tgt_len < 1:
             raise DataError(f"data.tgt_len must be at least 1, got {tgt_len}.")
-        self.tracks, self.tgt_len = tracks, int(tgt_len)
+        self.tracks, self.tgt_len, self.weight = tracks, int(tgt_len), float(weight)
         self.n = -(-(tracks.shape[1] - 1) // self.tgt_len)
 
     def __len__(self) -> int:
@@ -128,7 +144,8 @@ class SegmentDataset(Dataset):
             raise IndexError(i)
         start = i * self.tgt_len
         end = min(start + self.tgt_len, self.tracks.shape[1] - 1)
-        return {"input": self.tracks[:, start:end], "target": self.tracks[:, start + 1:end + 1], "segment": i}
+        return {"input": self.tracks[:, start:end], "target": self.tracks[:, start + 1:end + 1], "segment": i,
+                "weight": self.weight}
 
 
 def _single(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -140,18 +157,31 @@ class WikiTextDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
 
     Args:
         root: folder with ``wiki.{train,valid,test}.tokens``.
-        batch_size / eval_batch_size: tracks per process for training / evaluation.
+        batch_size / eval_batch_size: tracks per process for training / evaluation (used when ``tracks`` /
+            ``eval_tracks`` is not set; ``eval_batch_size`` defaults to ``batch_size``).
+        tracks / eval_tracks: tracks over all processes for training / evaluation (Transformer-XL's
+            ``batch_size``), dealt to the processes as evenly as possible; they keep the batch the same on any
+            number of processes. ``eval_tracks`` defaults to ``eval_batch_size`` per process, else ``tracks``.
         tgt_len / eval_tgt_len: segment length for training / evaluation.
         num_workers, pin_memory: DataLoader options.
         seed: unused for the order (segments are never shuffled); kept for the framework's signature.
     """
 
-    def __init__(self, root: str | None = None, batch_size: int = 60, eval_batch_size: int | None = 10,
+    def __init__(self, root: str | None = None, batch_size: int | None = 60, eval_batch_size: int | None = 10,
                  tgt_len: int = 150, eval_tgt_len: int | None = None, num_workers: int = 0,
-                 pin_memory: bool = True, seed: int = 0):
+                 pin_memory: bool = True, seed: int = 0, tracks: int | None = None, eval_tracks: int | None = None):
         super().__init__()
-        self.root, self.batch_size = root, int(batch_size)
-        self.eval_batch_size = int(eval_batch_size or batch_size)
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("tracks", tracks),
+                           ("eval_tracks", eval_tracks)):
+            if value is not None and int(value) < 1:
+                raise DataError(f"data.{key} must be at least 1 (or null), got {value}.")
+        if tracks is None and batch_size is None:
+            raise DataError("Set data.tracks (tracks over all processes) or data.batch_size (tracks per process).")
+        self.root = root
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.tracks = None if tracks is None else int(tracks)
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
+        self.eval_tracks = None if eval_tracks is None else int(eval_tracks)
         self.tgt_len, self.eval_tgt_len = int(tgt_len), int(eval_tgt_len or tgt_len)
         self.num_workers, self.pin_memory, self.seed = int(num_workers), bool(pin_memory), int(seed)
         self.vocab: Vocab | None = None
@@ -178,15 +208,27 @@ class WikiTextDataModule(ResumableDataModuleMixin, pl.LightningDataModule):
         return len(self.vocab)  # type: ignore[arg-type]
 
 
+    def n_tracks(self, split: str, world: int = 1) -> int:
+        """Tracks of ``split`` over all ``world`` processes."""
+        if split == "train":
+            return self.tracks if self.tracks is not None else self.batch_size * world  # type: ignore[operator]
+        if self.eval_tracks is not None:
+            return self.eval_tracks
+        return self.eval_batch_size * world if self.eval_batch_size is not None else self.n_tracks("train", world)
+
     def dataset(self, split: str) -> SegmentDataset:
         """This process's segments of ``split`` (tracks by rank, see :func:`batchify`)."""
         self.setup()
         rank, world = rank_world(getattr(self, "trainer", None))
         train = split == "train"
-        tracks, dropped = batchify(self.streams[split], self.batch_size if train else self.eval_batch_size, rank, world)
+        n = self.n_tracks(split, world)
+        tracks, dropped = batchify(self.streams[split], n, rank, world)
         if dropped:
             log.info("%s: the last %d tokens do not fill a track and are not used", split, dropped)
-        return SegmentDataset(tracks, self.tgt_len if train else self.eval_tgt_len)
+        if n % world:
+            log.info("%s: %d tracks over %d processes: this one (rank %d) holds %d", split, n, world, rank,
+                     tracks.shape[0])
+        return SegmentDataset(tracks, self.tgt_len if train else self.eval_tgt_len, tracks.shape[0] * world / n)
 
     def _kwargs(self) -> dict[str, Any]:
         return {"num_workers": self.num_workers, "collate_fn": _single,

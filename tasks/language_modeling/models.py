@@ -10,7 +10,10 @@ Memory (``memory``):
 
 * ``"xl"``: Transformer-XL's segment recurrence. Each layer's keys/values are its input over the last
   ``mem_len`` positions of the previous segments (detached) followed by the current segment; ``mem_len``
-  may be longer than a segment (the memory then spans several previous segments).
+  may be longer than a segment (the memory then spans several previous segments). ``same_length``
+  (evaluation only, as Transformer-XL's WikiText-103 scripts use it): every query attends to the same
+  number of keys, itself and the ``eval_mem_len - 1`` positions before it (fewer only where the stream
+  has fewer), instead of the whole memory plus the segment up to itself.
 * ``"grc"``: GRC replaces the segment memory (the paper's Table 5 setting). The relative attention sees
   the current segment only (causal); a memory branch (``cached_transformers.SRAttention`` at width
   D_m = n_head * int(ratio * d_head)) attends from ``x[..., :D_m]`` to the layer's cache of
@@ -174,14 +177,16 @@ class TransformerXL(nn.Module):
 
     Args follow Transformer-XL's flags: n_token, n_layer, d_model, n_head, d_head, d_inner, dropout,
     dropatt, d_embed (default d_model), cutoffs, div_val, mem_len, clamp_len (<= 0: no clamp),
-    eval_mem_len (XL only: memory length in evaluation, default mem_len); GRC: grc_ratio, grc_lambda_init.
+    eval_mem_len (XL only: memory length in evaluation, default mem_len), same_length (XL only, evaluation
+    only: every query sees exactly the last ``eval_mem_len`` positions, itself included; see
+    :meth:`attention_mask`); GRC: grc_ratio, grc_lambda_init.
     """
 
     def __init__(self, n_token: int, n_layer: int = 16, d_model: int = 410, n_head: int = 10, d_head: int = 41,
                  d_inner: int = 2100, dropout: float = 0.1, dropatt: float = 0.0, d_embed: int | None = None,
                  cutoffs: Sequence[int] = (20000, 40000, 200000), div_val: int = 1, mem_len: int = 150,
                  clamp_len: int = -1, eval_mem_len: int | None = None, memory: str = "xl",
-                 grc_ratio: float = 0.5, grc_lambda_init: float = -1.0):
+                 grc_ratio: float = 0.5, grc_lambda_init: float = -1.0, same_length: bool = False):
         super().__init__()
         if memory not in MEMORIES:
             raise ValueError(f"memory must be one of {MEMORIES}, got {memory!r}.")
@@ -191,6 +196,13 @@ class TransformerXL(nn.Module):
         self.memory, self.n_layer, self.d_model = memory, n_layer, d_model
         self.mem_len, self.clamp_len = int(mem_len), int(clamp_len)
         self.eval_mem_len = int(eval_mem_len if eval_mem_len is not None else mem_len)
+        if same_length and memory != "xl":
+            raise ValueError("same_length applies to the Transformer-XL memory only (with memory='grc' the "
+                             "self-attention sees just the current segment); set same_length to false.")
+        if same_length and self.eval_mem_len < 1:
+            raise ValueError(f"same_length makes every query attend to the last eval_mem_len positions, so it needs "
+                             f"eval_mem_len >= 1 (got {self.eval_mem_len}); set a memory or same_length to false.")
+        self.same_length = bool(same_length)
         self.word_emb = AdaptiveEmbedding(n_token, d_embed or d_model, d_model, list(cutoffs), div_val)
         self.crit = AdaptiveSoftmax(self.word_emb)
         self.drop = nn.Dropout(dropout)
@@ -203,12 +215,13 @@ class TransformerXL(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Transformer-XL's init: N(0, .02) weights and u/v, N(0, .01) embeddings and projections, zero biases,
-        LayerNorm weights N(1, .02); GRC's lambda keeps its init."""
+        """Transformer-XL's init (``init_std`` 0.02, ``proj_init_std`` 0.01): N(0, .02) weights, embedding tables
+        and u/v, N(0, .01) the adaptive projections, zero biases, LayerNorm weights N(1, .02); GRC's lambda keeps
+        its init."""
         for name, p in self.named_parameters():
             if name.endswith("lam"):
                 continue
-            if "word_emb" in name:
+            if name.startswith("word_emb.projs.") or name == "crit.head_proj":
                 nn.init.normal_(p, 0.0, 0.01)
             elif "norm" in name and name.endswith("weight"):
                 nn.init.normal_(p, 1.0, 0.02)
@@ -220,6 +233,17 @@ class TransformerXL(nn.Module):
     # ------------------------------------------------------------------ memory state
     def _mem_len(self) -> int:
         return self.mem_len if self.training else self.eval_mem_len
+
+    def attention_mask(self, q: int, m: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """q x (m + q) bool, True = hidden: query i (stream position m + i among the keys) never sees a later key;
+        with ``same_length`` in evaluation it also does not see keys ``eval_mem_len`` or more positions back, so
+        every query attends to the same ``eval_mem_len`` keys (itself included) once the stream is that long
+        (Transformer-XL's ``same_length`` mask)."""
+        dist = torch.arange(m, m + q, device=device)[:, None] - torch.arange(m + q, device=device)[None]
+        mask = dist < 0
+        if self.same_length and not self.training:
+            mask |= dist >= self.eval_mem_len
+        return mask
 
     def _positions(self, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         pos = torch.arange(k - 1, -1, -1.0, device=device)
@@ -236,7 +260,7 @@ class TransformerXL(nn.Module):
         if self.memory == "xl":
             mems = state if state is not None else [None] * (self.n_layer + 1)
             m = 0 if mems[0] is None else mems[0].shape[1]
-            mask = torch.ones(q, q + m, dtype=torch.bool, device=dev).triu(1 + m)
+            mask = self.attention_mask(q, m, dev)
             pos = self._positions(q + m, dev, dt)
             hids = [x]
             for i, layer in enumerate(self.layers):

@@ -30,8 +30,8 @@ from .models import PRESETS, TransformerXL, detach_state, map_state
 log = logging.getLogger(__name__)
 
 _MODEL_KEYS = {"preset", "memory", "n_layer", "d_model", "n_head", "d_head", "d_inner", "dropout", "dropatt",
-               "d_embed", "cutoffs", "div_val", "mem_len", "clamp_len", "eval_mem_len", "grc_ratio",
-               "grc_lambda_init"}
+               "d_embed", "cutoffs", "div_val", "mem_len", "clamp_len", "eval_mem_len", "same_length",
+               "grc_ratio", "grc_lambda_init"}
 
 
 def build_model(model_cfg: Mapping[str, Any], n_token: int) -> TransformerXL:
@@ -70,25 +70,43 @@ def stream_nll(model: TransformerXL, batches: Any, device: torch.device | str = 
     return total, count
 
 
-def pack_memory(state: Any, world: int, all_gather: Any) -> Any:
-    """The training memory for a checkpoint: detached CPU tensors, stacked over processes when ``world > 1``."""
+def _first_tensor(state: Any) -> torch.Tensor:
+    if isinstance(state, torch.Tensor):
+        return state
+    return next(_first_tensor(s) for s in state if s is not None)
+
+
+def pack_memory(state: Any, world: int, all_gather: Any) -> tuple[Any, list[int] | None]:
+    """The training memory for a checkpoint: (detached CPU tensors, stacked over processes when ``world > 1``; the
+    tracks (rows) each process holds, None for one process). Processes may hold different numbers of tracks: the
+    rows are padded to the largest for the gather (every rank runs this, ``all_gather`` is collective)."""
     if state is None:
-        return None
-    if world > 1:
-        state = map_state(state, all_gather)  # world x ... per tensor
-    return map_state(state, lambda t: t.detach().cpu())
+        return None, None
+    if world == 1:
+        return map_state(state, lambda t: t.detach().cpu()), None
+    mine = _first_tensor(state).shape[0]
+    rows = [int(r) for r in all_gather(torch.tensor([mine], device=_first_tensor(state).device)).view(-1)]
+    top = max(rows)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return t if t.shape[0] == top else torch.cat([t, t.new_zeros(top - t.shape[0], *t.shape[1:])])
+
+    return map_state(state, lambda t: all_gather(pad(t.contiguous())).detach().cpu()), rows  # world x top x ...
 
 
-def unpack_memory(state: Any, saved_world: int, world: int, rank: int) -> Any:
-    """This process's memory from a checkpoint; ``None`` (an empty memory, logged) when the process count changed
-    (the tracks are cut differently then)."""
+def unpack_memory(state: Any, saved_world: int, world: int, rank: int, rows: list[int] | None = None) -> Any:
+    """This process's memory from a checkpoint (its ``rows[rank]`` tracks); ``None`` (an empty memory, logged) when
+    the process count changed (the tracks are cut differently then)."""
     if state is None:
         return None
     if saved_world != world:
         log.warning("The checkpoint's language-model memory was saved by %d process(es) and this run has %d: the "
                     "tracks differ, so training continues with an empty memory.", saved_world, world)
         return None
-    return map_state(state, lambda t: t[rank]) if world > 1 else state
+    if world == 1:
+        return state
+    n = rows[rank] if rows is not None else None
+    return map_state(state, lambda t: t[rank][:n])
 
 
 class LanguageModel(TaskModule):
@@ -109,6 +127,13 @@ class LanguageModel(TaskModule):
     def forward(self, input: torch.Tensor, target: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         return self.model(input, target, state)
 
+    def total_batch_size(self) -> int:
+        """Tracks per optimizer step over all processes: ``data.tracks``, else batch_size x world; x accumulation."""
+        tracks = self.cfg["data"].get("tracks")
+        if tracks is None:
+            return super().total_batch_size()
+        return int(tracks) * int(self.trainer.accumulate_grad_batches)
+
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if int(batch["segment"]) == 0:
@@ -121,7 +146,9 @@ class LanguageModel(TaskModule):
         n = int(batch["target"].numel())
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         self.log("train/lr", self.current_lr(), on_step=True, on_epoch=False, batch_size=n)
-        return loss
+        # processes holding unequal numbers of tracks (data.tracks): DDP averages the gradients of the processes,
+        # the weight (tracks here x processes / all tracks) makes that the gradient of the mean over all tokens
+        return loss * float(batch.get("weight", 1.0))
 
     # ------------------------------------------------------------------ evaluation over whole streams
     def _eval_step(self, split: str, batch: dict[str, Any]) -> None:
@@ -170,14 +197,14 @@ class LanguageModel(TaskModule):
         super().on_save_checkpoint(checkpoint)
         rank, world = rank_world(self._trainer)
         # every process holds its own tracks' memory: gather them (every rank runs this hook)
-        checkpoint["lm_memory"] = pack_memory(self.train_state, world, lambda t: self.all_gather(t.contiguous()))
+        checkpoint["lm_memory"], checkpoint["lm_memory_rows"] = pack_memory(self.train_state, world, self.all_gather)
         checkpoint["lm_memory_world"] = world
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         rank, world = rank_world(self._trainer)
         self.train_state = unpack_memory(checkpoint.get("lm_memory"), int(checkpoint.get("lm_memory_world", 1)),
-                                         world, rank)
+                                         world, rank, checkpoint.get("lm_memory_rows"))
 
     # ------------------------------------------------------------------ test with the best weights
     def on_train_end(self) -> None:
