@@ -72,6 +72,9 @@ def _pos_embed_targets(model: nn.Module) -> dict[str, tuple[tuple[int, int], int
 def resize_caches(sd: dict[str, torch.Tensor], model: nn.Module, resize: bool) -> list[str]:
     """Fit every GRC cache of ``sd`` (in place) to the model's length; returns the keys resized.
 
+    A layer that dropped its prefix slots (:meth:`GRCAttention.drop_prefix_tokens`, PVT's stage 4 as a
+    feature extractor) takes a cache with those slots by dropping them (not a resize: always done).
+
     Raises:
         CheckpointMismatchError: a length differs and ``resize`` is False, or a width D_m differs.
     """
@@ -87,7 +90,11 @@ def resize_caches(sd: dict[str, torch.Tensor], model: nn.Module, resize: bool) -
                 f"GRC cache width {tuple(saved.shape)} in the checkpoint but {tuple(want.shape)} in the model for "
                 f"{key}: the checkpoint was trained with another GRC ratio{ratio}, which cannot be resized; build the "
                 f"model with that ratio.")
-        if saved.shape[1] != want.shape[1]:
+        dropped = layer.dropped_prefix_tokens
+        if dropped and saved.shape[1] == want.shape[1] + dropped:  # the host's file with its class token's slot
+            sd[key] = saved[:, dropped:]
+            resized.append(key)
+        elif saved.shape[1] != want.shape[1]:
             if not resize:
                 raise CheckpointMismatchError(
                     f"GRC cache length {saved.shape[1]} in the checkpoint but {want.shape[1]} in the model for {key}; "
