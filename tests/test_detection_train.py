@@ -187,3 +187,15 @@ def test_1x_schedule_warmup_and_steps() -> None:
     assert f(799) == 1.0 and f(800) == pytest.approx(0.1) and f(1099) == pytest.approx(0.1)
     assert f(1100) == pytest.approx(0.01)
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-7)
+
+
+def test_demo_reads_every_validation_of_a_run(tmp_path: Path) -> None:
+    """The demo's table: first and last validation of a Lightning CSV log (train rows have no val/ values)."""
+    from tasks.detection.demo import validations
+
+    log = tmp_path / "metrics.csv"
+    log.write_text("epoch,step,train/loss,val/bbox_mAP,val/segm_mAP\n"
+                   "0,9,3.1,,\n1,45,,2.5,4.0\n2,50,1.9,,\n3,91,,17.0,21.5\n")
+    vals = validations(log)
+    assert [v["step"] for v in vals] == [45, 91]
+    assert vals[0]["val/bbox_mAP"] == 2.5 and vals[-1]["val/segm_mAP"] == 21.5 and "train/loss" not in vals[0]

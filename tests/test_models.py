@@ -269,13 +269,71 @@ def test_pvt_pyramid_feeds_torchvision_fpn():
     assert [v.shape[1] for v in out.values()] == [32] * 4
     sum(v.sum() for v in out.values()).backward()
     assert backbone.block1[0].attn.gate.weight.grad is not None
-    # the timm features_only wrapper gives the same maps from the same weights
+    # the timm features_only wrapper gives the same stage 1-3 maps from the same weights (stage 4 has no
+    # class token there: test_pvt_features_stage4_has_no_class_token)
     wrapped = build("pvt_tiny_grc", features_only=True)
-    wrapped.model.load_state_dict(backbone.state_dict(), strict=False)
+    load_checkpoint(wrapped.model, {k: v for k, v in backbone.state_dict().items()
+                                    if not k.startswith(("head.", "norm.", "cls_token"))})
     wrapped.eval(), backbone.eval()
     with torch.no_grad():
-        for a, b in zip(wrapped(images()), backbone.forward_features_pyramid(images())):
+        for a, b in zip(wrapped(images())[:3], backbone.forward_features_pyramid(images())[:3]):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["pvt_tiny", "pvt_tiny_grc"])
+def test_pvt_features_stage4_has_no_class_token(name):
+    """features_only PVT is PVT's detection backbone: stage 4 runs on its grid tokens with pos_embed4[:, 1:]."""
+    classifier = build(name)
+    cached = name.endswith("_grc")
+    if cached:
+        classifier.block4[0].attn.cache.normal_()
+    net = build(name, features_only=True)
+    load_checkpoint(net.model, {k: v for k, v in classifier.state_dict().items()
+                                if not k.startswith(("head.", "norm.", "cls_token"))})
+    assert not hasattr(net.model, "cls_token") and "model.cls_token" not in net.state_dict()
+    assert net.model.num_prefix_tokens == 0
+    assert net.model.pos_embed4.shape == classifier.pos_embed4.shape  # the class slot is kept, unused
+    x = torch.randn(2, 3, 96, 64, generator=torch.Generator().manual_seed(3))  # 3 x 2 stage-4 grid
+    net.eval()
+    with torch.no_grad():
+        feats = net(x)
+        # direct computation: stage 4 on the 6 grid tokens only, position embedding without the class slot
+        m = net.model
+        tokens, (h, w) = m.patch_embed4(feats[2])
+        pos = torch.nn.functional.interpolate(m.pos_embed4[:, 1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2),
+                                              size=(h, w), mode="bilinear")
+        tokens = tokens + pos.flatten(2).transpose(1, 2)
+        for blk in m.block4:
+            tokens = blk(tokens, h, w)
+        torch.testing.assert_close(feats[3], tokens.reshape(2, h, w, -1).permute(0, 3, 1, 2), rtol=0, atol=0)
+        # the class slot of pos_embed4 is not read
+        m.pos_embed4[:, 0] += 1.0
+        torch.testing.assert_close(net(x)[3], feats[3], rtol=0, atol=0)
+    if cached:
+        layer = grc_layers(net)["model.block4.0.attn"]
+        assert layer.num_prefix_tokens == 0 and layer.cache_len == 4  # the 2 x 2 grid at img_size 64
+        # a classification file's cache: the class token's slot 0 is dropped, the grid's slots kept
+        torch.testing.assert_close(layer.cache, classifier.block4[0].attn.cache[:, 1:], rtol=0, atol=0)
+        net.train()
+        net(x)[3].sum().backward()
+        assert layer.cache.shape == (1, 4, layer.mem_dim) and layer.cache.abs().sum() > 0  # written, grid only
+        assert float(m.pos_embed4.grad[0, 0].abs().sum()) == 0 and float(m.pos_embed4.grad[0, 1:].abs().sum()) > 0
+    # classification is unchanged: the classifier still reads its class token
+    if cached:
+        assert classifier.block4[0].attn.num_prefix_tokens == 1 and classifier.block4[0].attn.cache_len == 5
+    with torch.no_grad():
+        classifier.eval()
+        before = classifier(images())
+        classifier.cls_token += 1.0
+        assert not torch.equal(classifier(images()), before)
+
+
+def test_pvt_features_cache_length_at_224():
+    """The grid-only stage 4 at the nominal 224: a 7 x 7 grid, so 49 cache slots (the classifier: 50)."""
+    with torch.device("meta"):
+        net = timm.create_model("pvt_tiny_grc", features_only=True)
+    lens = {k: v.cache_len for k, v in grc_layers(net).items()}
+    assert [lens[f"model.block{i}.0.attn"] for i in range(1, 5)] == [3136, 784, 196, 49]
 
 
 # ---------------------------------------------------------------------- loading with other cache lengths

@@ -259,15 +259,39 @@ def test_features_only_backbones(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger=LOGGER):
         report = ct.load_pretrained(getter, tmp_path / "pvt_tiny.pth", reset_cache=True)
     assert torch.equal(getter.model.block1[0].attn.self_attn.q.weight, base.block1[0].attn.q.weight)
-    assert torch.equal(getter.model.cls_token, base.cls_token) and len(report.grc_initialised) == 152
-    assert report.head_dropped == ["head.weight", "head.bias"] and report.unused == ["norm.weight", "norm.bias"]
+    assert len(report.grc_initialised) == 152
+    assert report.head_dropped == ["head.weight", "head.bias"]
+    assert report.unused == ["cls_token", "norm.weight", "norm.bias"]  # no class token in a feature extractor
     assert any("the model has no classifier" in r.getMessage() for r in caplog.records)
+    assert any("not used by the feature extractor" in r.getMessage() for r in caplog.records)
+    # a deeper model's file: its extra blocks are not "pruned by features_only", they do not fit
+    torch.save(timm.create_model("pvt_small", img_size=64).state_dict(), tmp_path / "pvt_small.pth")
+    tiny = timm.create_model("pvt_tiny", features_only=True, img_size=64)
+    with pytest.raises(ct.CheckpointMismatchError, match=r"pvt_small\.pth does not fit pvt_tiny: 140 of its tensors "
+                                                          r"are not in the model \(first: block1\.2\.norm1\.weight"):
+        ct.load_pretrained(tiny, tmp_path / "pvt_small.pth")
+    # a classification file of the cached model: stage 4's cache loses the class token's slot, nothing else
+    cached = timm.create_model("pvt_tiny_grc", img_size=64)
+    cached.block4[1].attn.cache.normal_()
+    torch.save(cached.state_dict(), tmp_path / "pvt_tiny_grc.pth")
+    getter = timm.create_model("pvt_tiny_grc", features_only=True, img_size=64)
+    report = ct.load_pretrained(getter, tmp_path / "pvt_tiny_grc.pth")
+    assert torch.equal(getter.model.block4[1].attn.cache, cached.block4[1].attn.cache[:, 1:])
+    assert not report.grc_initialised and report.unused == ["cls_token", "norm.weight", "norm.bias"]
     base2 = timm.create_model("pvt_v2_b0")
     torch.save(base2.state_dict(), tmp_path / "pvt_v2_b0.pth")
     stages = timm.create_model("pvt_v2_b0_grc", features_only=True)  # FeatureListNet: stages_0, ...
     report = ct.load_pretrained(stages, tmp_path / "pvt_v2_b0.pth")
     assert torch.equal(stages.stages_3.blocks[1].attn.self_attn.kv.weight, base2.stages[3].blocks[1].attn.kv.weight)
     assert len(report.loaded) == len(base2.state_dict()) - 2 and report.grc_initialised
+    # pruned stages are left out (stages_3 is not in a 3-stage feature net), a deeper file's blocks are not
+    three = timm.create_model("pvt_v2_b0_grc", features_only=True, out_indices=(0, 1, 2))
+    report = ct.load_pretrained(three, tmp_path / "pvt_v2_b0.pth")
+    assert any(k.startswith("stages.3.") for k in report.unused)
+    deeper = {k: v for k, v in base2.state_dict().items()}
+    deeper.update({k.replace("blocks.1.", "blocks.2."): v for k, v in deeper.items() if ".blocks.1." in k})
+    with pytest.raises(ct.CheckpointMismatchError, match=r"not in the model \(first: stages\.0\.blocks\.2\."):
+        ct.load_pretrained(stages, deeper)
 
 
 def test_swin_original_layout(tmp_path):

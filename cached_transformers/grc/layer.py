@@ -116,6 +116,7 @@ class GRCAttention(nn.Module):
         self.dim, self.num_heads = dim, num_heads
         self.mem_dim = dm = memory_width(dim, num_heads, cfg.ratio)
         self.num_prefix_tokens = num_prefix_tokens
+        self.dropped_prefix_tokens = 0  # set by drop_prefix_tokens (the loader then drops them from files)
         self.cache_grid = tuple(cache_grid) if cache_grid is not None else None
         if self.cache_grid is not None and num_prefix_tokens + self.cache_grid[0] * self.cache_grid[1] != cache_len:
             raise ValueError(f"cache_len {cache_len} != {num_prefix_tokens} prefix tokens + grid {cache_grid}.")
@@ -152,6 +153,22 @@ class GRCAttention(nn.Module):
         for t in self.state_tensors():
             t.zero_()
         self._prev_state = None
+
+    def drop_prefix_tokens(self) -> None:
+        """Work on the grid tokens only from now on: the host stopped prepending its prefix (class) tokens.
+
+        The cache keeps the grid's slots (T_m = h * w; the prefix slots, which the prefix tokens' summaries
+        filled, are dropped); the positional conv already skips no token. A checkpoint of the host with
+        its prefix tokens still loads (``load_checkpoint`` and ``load_pretrained`` drop the same slots).
+        """
+        p = self.num_prefix_tokens
+        if not p:
+            return
+        self.cache = self.cache[:, p:].clone()
+        if self.config.causal:
+            self.pending = self.pending[:, p:].clone()
+        self.num_prefix_tokens, self.dropped_prefix_tokens = 0, p
+        self._prev_state, self._last_forward_wrote = None, False
 
     def _read_state(self) -> tuple[tuple[torch.Tensor, ...], bool]:
         """(the stored state this forward reads, whether this forward writes it).

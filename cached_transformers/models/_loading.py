@@ -72,6 +72,9 @@ def _pos_embed_targets(model: nn.Module) -> dict[str, tuple[tuple[int, int], int
 def resize_caches(sd: dict[str, torch.Tensor], model: nn.Module, resize: bool) -> list[str]:
     """Fit every GRC cache of ``sd`` (in place) to the model's length; returns the keys resized.
 
+    A layer that dropped its prefix slots (:meth:`GRCAttention.drop_prefix_tokens`, PVT's stage 4 as a
+    feature extractor) takes a cache with those slots by dropping them (not a resize: always done).
+
     Raises:
         CheckpointMismatchError: a length differs and ``resize`` is False, or a width D_m differs.
     """
@@ -86,14 +89,18 @@ def resize_caches(sd: dict[str, torch.Tensor], model: nn.Module, resize: bool) -
                 ratio = f" (r = {saved.shape[-1] / layer.dim:g})" if saved.dim() == 3 else ""
                 raise CheckpointMismatchError(
                     f"GRC cache width {tuple(saved.shape)} in the checkpoint but {tuple(want.shape)} in the model for "
-                    f"{key}: the checkpoint was trained with another GRC ratio{ratio}, which cannot be resized; build the "
-                    f"model with that ratio.")
-            if saved.shape[1] != want.shape[1]:
+                    f"{key}: the checkpoint was trained with another GRC ratio{ratio}, which cannot be resized; build "
+                    f"the model with that ratio.")
+            dropped = layer.dropped_prefix_tokens
+            if dropped and saved.shape[1] == want.shape[1] + dropped:  # the host's file with its class token's slot
+                sd[key] = saved[:, dropped:]
+                resized.append(key)
+            elif saved.shape[1] != want.shape[1]:
                 if not resize:
                     raise CheckpointMismatchError(
-                        f"GRC cache length {saved.shape[1]} in the checkpoint but {want.shape[1]} in the model for {key}; "
-                        f"pass resize_cache=True to resize it (nearest along tokens), or build the model with the "
-                        f"img_size the checkpoint was trained at.")
+                        f"GRC cache length {saved.shape[1]} in the checkpoint but {want.shape[1]} in the model for "
+                        f"{key}; pass resize_cache=True to resize it (nearest along tokens), or build the model with "
+                        f"the img_size the checkpoint was trained at.")
                 sd[key] = resize_cache_tensor(saved, want.shape[1])
                 resized.append(key)
     return resized

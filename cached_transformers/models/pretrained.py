@@ -25,8 +25,10 @@ and fits it to the model:
 * GRC caches and absolute position embeddings of another input size are resized (the steps of
   :func:`~cached_transformers.models.load_checkpoint`);
 * a timm ``features_only`` model (detection backbones) takes the classification file as it is: its
-  wrapper's ``model.`` prefix and flattened names (``stages_0``) are matched, the tensors it pruned
-  (final norm, head) are left out and logged.
+  wrapper's ``model.`` prefix and flattened names (``stages_0``) are matched, the tensors of the parts
+  it pruned (final norm, head, PVT v1's class token, stages after the last feature stage: top-level
+  parts the feature model has no tensor of) are left out and logged. A file tensor inside a part the
+  feature model keeps (e.g. the extra blocks of a deeper model's file) is an error like any other.
 
 Anything else that does not fit raises :class:`CheckpointMismatchError` naming the file, the first
 offending keys and what to do. :func:`grc_checkpoint_filter` is the same fitting step as a timm
@@ -218,6 +220,17 @@ def _is_feature_net(model: nn.Module) -> bool:
     return isinstance(model, (FeatureDictNet, FeatureGetterNet, FeatureHookNet))  # FeatureListNet: a FeatureDictNet
 
 
+def _pruned_part(key: str, model_keys: Iterable[str], prefix: str) -> bool:
+    """Whether ``key`` belongs to a top-level part a ``features_only`` model pruned (no tensor of it is left).
+
+    ``head.weight``, ``norm.weight``, ``cls_token``, ``stages.3.*`` without ``stages_3``: pruned;
+    ``block1.2.*`` (a deeper model's block) while the model has ``block1.0.*``: not pruned.
+    """
+    tops = {k[len(prefix):].split(".", 1)[0] for k in model_keys if k.startswith(prefix)}
+    flat = _FLAT.sub(r"\1_\2.", key, count=1)
+    return key.split(".", 1)[0] not in tops and flat.split(".", 1)[0] not in tops
+
+
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     names = cfg.get("classifier") or "head"
@@ -275,11 +288,12 @@ def fit_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module, *, source: 
     added, n_layers = _grc_added_keys(model, own)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    if unexpected and _is_feature_net(model):  # the classifier's final norm etc., pruned by features_only
-        report.unused = unexpected
-        for key in unexpected:
+    feature_net = _is_feature_net(model)
+    if unexpected and feature_net:  # the classifier's final norm etc., pruned by features_only
+        report.unused = [k for k in unexpected if _pruned_part(k, own, prefix)]
+        for key in report.unused:
             del sd[key]
-        unexpected = []
+        unexpected = [k for k in unexpected if k not in report.unused]
     shapes = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     grc_missing = [k for k in missing if k in added]
     head_missing = [k for k in missing if _is_head(k, heads)]  # dropped, or a file without a head
@@ -303,7 +317,9 @@ def fit_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module, *, source: 
         if shapes:
             shown = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]
             problems.append(f"{len(shapes)} tensors have another shape, file vs model (first: {_first(shown)})")
-        todo = "Build the model the file was saved from (same model name, grc settings and class count)"
+        todo = ("Build the backbone from the model the file was saved from (same model name and grc settings)"
+                if feature_net else
+                "Build the model the file was saved from (same model name, grc settings and class count)")
     if problems and strict:
         raise CheckpointMismatchError(
             f"{source} does not fit {_model_name(model)}: {'; '.join(problems)}. {todo}, or pass strict=False to load "
@@ -340,7 +356,8 @@ def _log(report: PretrainedReport, model: nn.Module) -> None:
         log.info("%s: the file has no classifier %s: the head stays at its initialisation.", name,
                  _first(report.head_initialised))
     if report.resized:
-        log.info("%s: resized to the model's input size: %s.", name, _first(report.resized))
+        log.info("%s: resized to the model's input size (or a GRC cache's prefix-token slots dropped): %s.", name,
+                 _first(report.resized))
     if report.ignored:
         log.info("%s: ignored as asked: %s.", name, _first(report.ignored))
     if report.unused:

@@ -18,12 +18,18 @@ Cached variants (``pvt_<size>_grc``): every block's ``attn`` is a
 baseline's weights sit under ``attn.self_attn.``) and whose memory branch is a second
 ``SRAttention`` at width D_m with the stage's SR ratio applied to the cache (``mem_reduce``, the
 released module's behaviour) or none. T_m is the nominal token count at the nominal ``img_size``
-(224: 3136 / 784 / 196 / 50, the last including the class token).
+(224: 3136 / 784 / 196 / 50, the last including the class token; 49 in a feature extractor).
 
 Multi-scale features (detection): ``forward_intermediates`` / ``forward_features_pyramid`` give the
-four stage outputs as B x C_i x H_i x W_i maps (stage 4 without its class token, before the final
-norm), and ``timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3))`` wraps the model
-in timm's ``FeatureGetterNet`` (``feature_info`` channels 64/128/320/512, strides 4/8/16/32).
+four stage outputs as B x C_i x H_i x W_i maps (before the final norm), and
+``timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3))`` wraps the model in timm's
+``FeatureGetterNet`` (``feature_info`` channels 64/128/320/512, strides 4/8/16/32). The classifier runs
+stage 4 with its class token (an unpruned model's intermediates are the classifier's, the class
+token dropped from the map); the feature extractor does not have one, as PVT's detection backbone:
+:meth:`~PyramidVisionTransformer.prune_intermediate_layers` with the head pruned (what ``features_only``
+does) deletes ``cls_token``, stage 4 then runs on its grid tokens with ``pos_embed4[:, 1:]`` (the
+parameter keeps its class slot, so classification files load strictly) and each stage-4 GRC layer drops
+its prefix slot (positional conv and cache on the grid tokens only, T_m = 49 at 224).
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..grc import GRCConfig, SRAttention
+from ..grc import GRCAttention, GRCConfig, SRAttention
 from ._common import grc_config_from, make_grc_layer, pair, project_model, reject_grc_kwargs
 
 __all__ = ["PyramidVisionTransformer", "PatchEmbed", "Block"]
@@ -98,7 +104,7 @@ class Block(nn.Module):
 
 
 class PyramidVisionTransformer(nn.Module):
-    """PVT v1 for classification (class token in stage 4), optionally with GRC in every block.
+    """PVT v1 for classification (class token in stage 4; none as a feature extractor), optionally with GRC.
 
     Args:
         img_size: nominal input size (position embeddings and GRC cache lengths are sized for it;
@@ -198,15 +204,25 @@ class PyramidVisionTransformer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     # ------------------------------------------------------------------ forward
+    def _prefix(self, i: int) -> int:
+        """Class tokens before the grid tokens of stage ``i`` (0-based): 1 in the classifier's stage 4, else 0."""
+        return self.num_prefix_tokens if i == 3 else 0
+
     def _pos_embed(self, i: int, hw: tuple[int, int]) -> torch.Tensor:
-        """Stage ``i`` (0-based) position embedding for an (H, W) grid, bilinearly resized if needed."""
+        """Stage ``i`` (0-based) position embedding for an (H, W) grid, bilinearly resized if needed.
+
+        ``pos_embed4``'s slot 0 is the class token's; without the class token it is left out (``[:, 1:]``).
+        """
         pe = getattr(self, f"patch_embed{i + 1}")
-        return resize_stage_pos_embed(getattr(self, f"pos_embed{i + 1}"), hw, (pe.H, pe.W), 1 if i == 3 else 0)
+        pos = getattr(self, f"pos_embed{i + 1}")
+        if i == 3 and not self.num_prefix_tokens:
+            pos = pos[:, 1:]
+        return resize_stage_pos_embed(pos, hw, (pe.H, pe.W), self._prefix(i))
 
     def _stage(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Run stage ``i`` on a B x C x H x W map (or the image); returns tokens and their grid."""
         x, hw = getattr(self, f"patch_embed{i + 1}")(x)
-        if i == 3:
+        if self._prefix(i):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = getattr(self, f"pos_drop{i + 1}")(x + self._pos_embed(i, hw))
         for blk in getattr(self, f"block{i + 1}"):
@@ -222,7 +238,7 @@ class PyramidVisionTransformer(nn.Module):
         return x[:, prefix:].reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2).contiguous()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image -> normed stage-4 tokens B x (1 + H4*W4) x C4 (class token first)."""
+        """Image -> normed stage-4 tokens B x (1 + H4*W4) x C4 (class token first; none in a feature extractor)."""
         for i in range(4):
             x, hw = self._stage(i, x)
             if i < 3:
@@ -256,10 +272,9 @@ class PyramidVisionTransformer(nn.Module):
         intermediates = []
         for i in range(last + 1):
             x, hw = self._stage(i, x)
-            prefix = 1 if i == 3 else 0
             if i in take_indices:
                 tokens = self.norm(x) if (norm and i == 3) else x
-                intermediates.append(self._to_map(tokens, hw, prefix))
+                intermediates.append(self._to_map(tokens, hw, self._prefix(i)))
             if i < 3:
                 x = self._to_map(x, hw, 0)
         if intermediates_only:
@@ -272,7 +287,11 @@ class PyramidVisionTransformer(nn.Module):
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        """Drop the stages after the last requested one (and the head / final norm) for feature use."""
+        """Drop the stages after the last requested one (and the head / final norm) for feature use.
+
+        Without the head (``prune_head``, what timm's ``features_only`` asks) the model is a feature
+        extractor, as PVT's detection backbone: :meth:`drop_class_token`.
+        """
         take_indices, max_index = feature_take_indices(self._num_stages, indices)
         for i in range(max_index + 1, self._num_stages):
             delattr(self, f"patch_embed{i + 1}")
@@ -280,7 +299,6 @@ class PyramidVisionTransformer(nn.Module):
             delattr(self, f"pos_drop{i + 1}")
             delattr(self, f"block{i + 1}")
         if max_index < 3:
-            del self.cls_token
             self.norm = nn.Identity()
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         self._num_stages = max_index + 1
@@ -289,7 +307,24 @@ class PyramidVisionTransformer(nn.Module):
             self.norm = nn.Identity()
         if prune_head or max_index < 3:
             self.reset_classifier(0, "")
+            self.drop_class_token()
         return take_indices
+
+    def drop_class_token(self) -> None:
+        """Run stage 4 without the class token from now on (PVT's detection backbone; no classifier reads it).
+
+        ``cls_token`` is deleted; stage 4 adds ``pos_embed4[:, 1:]`` (the parameter keeps the class slot,
+        so a classification file still loads strictly); every stage-4 GRC layer drops its prefix slot
+        (:meth:`GRCAttention.drop_prefix_tokens`: positional conv and cache on the grid tokens only).
+        """
+        if not self.num_prefix_tokens:
+            return
+        del self.cls_token
+        self.num_prefix_tokens = 0
+        if self._num_stages == 4:
+            for blk in self.block4:
+                if isinstance(blk.attn, GRCAttention):
+                    blk.attn.drop_prefix_tokens()
 
 
 # ---------------------------------------------------------------------- registration

@@ -1,9 +1,10 @@
 """torchvision Mask R-CNN and RetinaNet around a PVT(-GRC)-FPN backbone, aligned with PVT's mmdetection configs.
 
 Backbone: ``timm.create_model(<pvt name>, features_only=True)`` (any registered PVT / PVT-GRC model):
-stage maps at strides 4/8/16/32 (64/128/320/512 channels for PVT v1), no final norm, position
-embeddings resized to each input's grid by the model, GRC caches kept at their ImageNet length
-(``img_size``, 224) with detection-size token sequences resized to it by the GRC layer.
+stage maps at strides 4/8/16/32 (64/128/320/512 channels for PVT v1), no final norm, stage 4 without
+the class token (as PVT's detection backbone), position embeddings resized to each input's grid by the
+model, GRC caches kept at their ImageNet length (``img_size``, 224; stage 4: the 7 x 7 grid's 49) with
+detection-size token sequences resized to it by the GRC layer.
 
 FPN (256 channels, 5 levels), as PVT's configs:
 
@@ -20,7 +21,6 @@ detections per image; contiguous labels.
 from __future__ import annotations
 
 import logging
-import re
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
@@ -34,7 +34,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
-from tasks.common.errors import ConfigError, UserError
+from tasks.common.errors import ConfigError
 from tasks.common.models import registered_models
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def build_backbone(model_cfg: Mapping[str, Any], grc_cfg: Mapping[str, Any] | No
 def init_backbone(net: nn.Module, pretrained: str | Mapping[str, Any] | None) -> Any:
     """``model.pretrained`` for a detection backbone: the ImageNet weights (this project's ``.ckpt``, EMA
     weights when present, or a plain / official PVT state_dict) loaded strictly into the feature extractor
-    (the classifier head and final norm it pruned are left out), every GRC cache reset to zeros (the
+    (the classifier head, final norm and class token it pruned are left out), every GRC cache reset to zeros (the
     paper's rule); a cached backbone may start from its baseline's weights (GRC parts at their
     initialisation, logged by the library). Returns the library's report (None without a file)."""
     from cached_transformers import grc_layers
@@ -173,12 +173,7 @@ def init_backbone(net: nn.Module, pretrained: str | Mapping[str, Any] | None) ->
         return None
     options = dict(pretrained) if isinstance(pretrained, Mapping) else {"path": str(pretrained)}
     options.setdefault("reset_cache", True)
-    report = load_pretrained(net, options)
-    extra = [k for k in report.unused if not re.match(r"^(model\.)?(head|fc_norm|norm\d*)(\.|$)", k)]
-    if extra:  # e.g. a PVT-Small file for PVT-Tiny: its extra blocks would be dropped silently
-        raise UserError(f"model.pretrained: {options['path']} has tensors the {type(net).__name__} backbone does not "
-                        f"have ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}); pass the checkpoint of "
-                        f"the same model (the backbone's ImageNet run).")
+    report = load_pretrained(net, options)  # a deeper model's file (extra blocks) is the library's error
     zero = sum(1 for layer in layers.values() if not bool(layer.cache.abs().sum()))
     log.info("Detection backbone initialised from %s: %d tensors loaded; %d GRC layers, caches zero in %d (at "
              "their ImageNet length), %d GRC tensors left at their initialisation.", options["path"],
