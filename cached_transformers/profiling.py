@@ -21,9 +21,23 @@ def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None,
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
+def _pair_conv_flops(grid, weight, bias=None, *args, out_shape=None, **kwargs) -> int:
+    """The GRC positional conv's custom op (grc/posconv.py): the grouped conv's 2 x 9 MACs per output."""
+    b, c, h, w = grid
+    return 2 * b * c * h * w * weight[1] * weight[2] * weight[3]
+
+
+def _pair_conv_backward_flops(grad, grid, weight, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _pair_conv_flops(grid, weight)  # input and weight gradients
+
+
+from .grc import posconv as _posconv  # noqa: E402  (registers the custom ops)
+
 _CUSTOM = {
     _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+    torch.ops.cached_transformers.pair_conv3x3: _pair_conv_flops,
+    torch.ops.cached_transformers.pair_conv3x3_backward: _pair_conv_backward_flops,
 }
 
 
