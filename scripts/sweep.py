@@ -25,18 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.paper.sweep import (REPO_ROOT, SweepError, build_sweep_command, format_command,  # noqa: E402
-                               format_resources, launcher_settings)
+                               format_resources, launcher_settings, override_value)
 from tasks.paper.sweep_status import StatusError, format_status, query_states, read_jobs  # noqa: E402
 
 DETACH_ENV = "CT_SLURM_DETACH"  # read by hydra_plugins/ct_slurm_launcher
-
-
-def _value(overrides: list[str], key: str) -> str | None:
-    for o in reversed(overrides):
-        k, sep, v = o.lstrip("+").partition("=")
-        if sep and k == key:
-            return v
-    return None
 
 
 def status(sweep_dir: str) -> int:
@@ -80,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    launcher = _value(cmd, "hydra/launcher") or "local"
+    launcher = override_value(cmd, "hydra/launcher") or "local"
     try:
         settings = launcher_settings(launcher, cmd)
     except SweepError as err:
@@ -98,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, **({DETACH_ENV: "1"} if args.detach else {}))
     rc = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
     if args.detach and rc == 0:
-        sweep_dir = Path(_value(cmd, "paths.multirun_dir") or "multirun") / (_value(cmd, "sweep_name") or "")
+        root = override_value(cmd, "paths.multirun_dir") or "multirun"
+        sweep_dir = Path(root) / (override_value(cmd, "sweep_name") or "")
         print(f"Submitted; the jobs run on. State: python scripts/sweep.py --status {sweep_dir}\n"
               f"Results (any time, finished jobs only): python scripts/compare.py {sweep_dir}", flush=True)
     return rc

@@ -7,6 +7,6 @@ from .utils import copy_caches, grc_layers, mixing_weights, reset_caches
 
 __all__ = [
     "GRCAttention", "GRCConfig", "PRESETS", "SRAttention", "SelfAttention", "copy_caches", "grc_layers",
-    "memory_width", "mixing_weights", "optional_grc_config", "padding_to_attn_mask", "reset_caches", "split_grc_kwargs", "sync_caches",
-    "synced_cache_state",
+    "memory_width", "mixing_weights", "optional_grc_config", "padding_to_attn_mask", "reset_caches",
+    "split_grc_kwargs", "sync_caches", "synced_cache_state",
 ]

@@ -27,8 +27,8 @@ only exist in the language tasks, those tasks pass ``padding="valid"`` (method.m
 
 Fields that are not deviations: ``ratio`` (r, D_m = r * D), ``sync`` (how the stored cache is kept
 equal across processes: ``"mean"`` averages it once per optimisation step in ``sync_caches``,
-``"none"`` keeps per-rank caches), ``causal`` (language modelling: the memory branch reads the cache of the previous step,
-GRC(C_{t-2}, previous batch-mean summary), computed in the current graph so the gates learn by one-step
+``"none"`` keeps per-rank caches), ``causal`` (language modelling: the memory branch reads the cache
+of the previous step, GRC(C_{t-2}, previous batch-mean summary), computed in the current graph so the gates learn by one-step
 truncated BPTT; no position sees its own batch; see ``layer.py``) and ``enabled`` (False
 builds the plain baseline, parameter for parameter).
 """

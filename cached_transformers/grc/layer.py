@@ -297,7 +297,7 @@ class GRCAttention(nn.Module):
         s, source, xu = self._self_branch(x, H, W, key_padding_mask, host_kwargs)
 
         state, write = self._read_state()
-        if cfg.causal:  # C_{t-1} = GRC(C_{t-2}, previous summary), in this graph; the current batch only goes to pending
+        if cfg.causal:  # C_{t-1} = GRC(C_{t-2}, previous summary), in this graph; this batch only reaches pending
             new = self._gated_update(*state)                               # 1 x T_m x D_m
             if write:
                 self.cache = new.detach().to(self.cache.dtype)

@@ -76,6 +76,12 @@ class TaskModule(pl.LightningModule):
         # from the data (ImageNet-22k's class count, COCO's label map); None: taken from cfg
         self.recipe: dict[str, Any] | None = None
 
+    @property
+    def stopped_by_signal(self) -> bool:
+        """Whether this run is stopping on a signal (SLURM time limit, preemption): the end-of-training test
+        then waits for the resumed run."""
+        return any(getattr(cb, "received_signal", None) is not None for cb in self.trainer.callbacks)
+
     # ------------------------------------------------------------------ test with the best weights
     def best_weights(self, default_metric: str) -> tuple[torch.nn.Module, str | None, float | None]:
         """``(model, path, score)``: a copy of ``self.model`` with the weights of the best checkpoint of the

@@ -210,7 +210,7 @@ class LanguageModel(TaskModule):
     def on_train_end(self) -> None:
         if not self.task_cfg.get("test_with_best", True) or self.trainer.datamodule is None:
             return
-        if any(getattr(cb, "received_signal", None) is not None for cb in self.trainer.callbacks):
+        if self.stopped_by_signal:
             log.info("Stopped by a signal: test/ppl is computed when the resumed run finishes.")
             return
         model, path, _ = self.best_weights("val/ppl")

@@ -117,7 +117,8 @@ def _parse_table(table: str | int) -> int:
         raise SweepError(f"--table must be a number such as 1 or 6, got {table!r}.") from None
 
 
-def _override_value(overrides: Sequence[str], key: str) -> str | None:
+def override_value(overrides: Sequence[str], key: str) -> str | None:
+    """The value the last ``key=value`` (or ``+key=value``) override gives ``key``, or None."""
     for o in reversed(overrides):
         k, sep, v = o.lstrip("+").partition("=")
         if sep and k == key:
@@ -164,9 +165,9 @@ def launcher_resources(launcher: str, overrides: Sequence[str] = (), config_dir:
     if launcher in LOCAL_LAUNCHERS:
         return None
     values = _launcher_chain(launcher, config_dir)
-    gpus = _override_value(overrides, "hydra.launcher.gpus_per_node")
+    gpus = override_value(overrides, "hydra.launcher.gpus_per_node")
     gpus = values.get("gpus_per_node") if gpus is None else gpus
-    nodes = _override_value(overrides, "hydra.launcher.nodes") or values.get("nodes") or 1
+    nodes = override_value(overrides, "hydra.launcher.nodes") or values.get("nodes") or 1
     return _as_count(gpus, "gpus_per_node", launcher), max(_as_count(nodes, "nodes", launcher), 1)
 
 
@@ -189,10 +190,10 @@ def launcher_settings(launcher: str, overrides: Sequence[str] = (), config_dir: 
 
     values = _launcher_chain(launcher, config_dir)
     for key in RESOURCE_KEYS:
-        v = _override_value(overrides, f"hydra.launcher.{key}")
+        v = override_value(overrides, f"hydra.launcher.{key}")
         if v is not None:
             values[key] = yaml.safe_load(v)
-    devices = _override_value(overrides, "trainer.devices")
+    devices = override_value(overrides, "trainer.devices")
     root = OmegaConf.create({"hydra": {"launcher": {k: values.get(k) for k in RESOURCE_KEYS}},
                              "trainer": {"devices": yaml.safe_load(devices) if devices is not None else 1}})
     out: dict[str, object] = {}
@@ -268,18 +269,18 @@ def build_sweep_command(table: str | int, seeds: Sequence[int] | str | None = No
     names = _stage_experiments(tid, chosen, stage, overrides)
     cmd = [python, train_script, "-m", "experiment=" + ",".join(names),
            "seed=" + ",".join(str(s) for s in seeds)]
-    if _override_value(overrides, "sweep_name") is None:
+    if override_value(overrides, "sweep_name") is None:
         cmd.append(f"sweep_name=table{tid}" + ("_pretrain" if stage == "pretrain" else ""))
-    if _override_value(overrides, "ckpt_path") is None:
+    if override_value(overrides, "ckpt_path") is None:
         cmd.append("ckpt_path=last")
     if launcher != "none":
         cmd.append(f"hydra/launcher={launcher}")
     resources = launcher_resources(launcher, overrides, config_dir)
     if resources is not None:
         gpus, nodes = resources
-        if gpus and _override_value(overrides, "trainer.devices") is None:
+        if gpus and override_value(overrides, "trainer.devices") is None:
             cmd.append(f"trainer.devices={gpus}")
-        if _override_value(overrides, "trainer.num_nodes") is None:
+        if override_value(overrides, "trainer.num_nodes") is None:
             cmd.append(f"trainer.num_nodes={nodes}")
     return cmd + overrides
 
@@ -291,8 +292,8 @@ def _stage_experiments(tid: int, chosen: list[Experiment], stage: str, overrides
             raise SweepError(f"Table {tid} has no pre-training stage (its experiment files name no paper.pretrain); "
                              f"drop --stage pretrain.")
         return list(dict.fromkeys(e.pretrain for e in chosen))  # type: ignore[misc]
-    missing = [e.checkpoint_key for e in chosen if e.checkpoint_key and _override_value(overrides, e.checkpoint_key)
-               is None and not (len(chosen) == 1 and _override_value(overrides, "model.pretrained"))]
+    missing = [e.checkpoint_key for e in chosen if e.checkpoint_key and override_value(overrides, e.checkpoint_key)
+               is None and not (len(chosen) == 1 and override_value(overrides, "model.pretrained"))]
     if missing:
         given = " ".join(f"{k}=PATH" for k in missing)
         raise SweepError(f"Table {tid} fine-tunes pre-trained checkpoints: pass {given} (each the "

@@ -210,7 +210,7 @@ class TranslationModule(TaskModule):
         dm = self.trainer.datamodule
         if not cfg.get("enabled", False) or dm is None or not dm.has_split("test"):
             return
-        if any(getattr(cb, "received_signal", None) is not None for cb in self.trainer.callbacks):
+        if self.stopped_by_signal:
             log.info("Stopped by a signal: the test runs when the resumed run finishes.")
             return
         import copy
