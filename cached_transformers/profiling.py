@@ -41,6 +41,32 @@ _CUSTOM = {
 }
 
 
+def keep_freed_memory() -> bool:
+    """Make this process's glibc malloc keep the memory it frees (for timing on CPU); False where it cannot.
+
+    By default glibc serves blocks above a threshold (at most 32 MiB) with fresh ``mmap`` pages and
+    returns the top of its heap to the system when enough of it is free, so a training step that
+    allocates the same activations again faults their pages in again: every step pays the kernel for
+    page faults that the GEMMs and elementwise kernels being timed do not need. On this project's VM a
+    fault cost about 10 us and the faults of one PVT-Tiny training step (batch 8) up to 200 ms of
+    system time, more for the cached model than for its baseline (docs/library.md). This turns both
+    off (``M_MMAP_MAX`` 0, ``M_TRIM_THRESHOLD`` at its maximum), so freed memory is reused without
+    faults, as jemalloc or tcmalloc (PyTorch's CPU tuning advice) would. Process-wide and permanent:
+    call it at the start of a benchmark, not inside a library or a training run.
+    """
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_trim_threshold, 2 ** 31 - 1)) and bool(mallopt(m_mmap_max, 0))
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameters (buffers such as the GRC cache are not parameters)."""
     return sum(p.numel() for p in model.parameters())

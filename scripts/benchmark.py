@@ -19,6 +19,10 @@ and the script says so.
 timed in the same interleaved rounds; their ratios are against the compiled baseline, and the script
 states whether the compiled cached ratio is within 0.05 of the compiled floor's and whether the eager
 layer is >= 1.1x faster than the released module (with ``--reference``).
+``--malloc keep`` (the default) first makes glibc's malloc keep the memory it frees
+(``cached_transformers.profiling.keep_freed_memory``), so the steps are not timed with the page faults
+of re-allocated activations, which on a VM cost more than some of the kernels being compared;
+``--malloc system`` leaves malloc as it is.
 ``lra`` runs the ListOps sequence-length benchmark; ``throughput`` the paper's Table 9 layout.
 No test times anything: speed is measured here and only here.
 """
@@ -36,7 +40,7 @@ import timm  # noqa: E402
 
 import cached_transformers  # noqa: E402,F401  (registers the models)
 from cached_transformers.models import BASELINES  # noqa: E402
-from cached_transformers.profiling import count_macs, count_params, mac_floor_copy  # noqa: E402
+from cached_transformers.profiling import count_macs, count_params, keep_freed_memory, mac_floor_copy  # noqa: E402
 from tasks.paper.throughput import measure_models  # noqa: E402
 
 CACHED_MODELS = ["pvt_tiny_grc", "vit_small_patch16_224_grc"]  # baselines from cached_transformers.models.BASELINES
@@ -132,7 +136,8 @@ def compile_verdicts(rows: list[dict]) -> list[str]:
 
 
 def print_vision(rows: list[dict], args, device: torch.device) -> None:
-    print(f"\n### GRC cost, {device_name(device)}, batch {args.batch_size}, {args.img_size}px, amp={args.amp}\n")
+    print(f"\n### GRC cost, {device_name(device)}, batch {args.batch_size}, {args.img_size}px, amp={args.amp}, "
+          f"{args.malloc_note}\n")
     print("| model | variant | params M (base -> cached) | GMACs/img | MAC ratio | train img/s (base -> cached) "
           "| train time ratio | infer img/s (base -> cached) | infer time ratio | <= 1.05 x MAC ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -181,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile (inductor) copies of the baseline, cached model and floor")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
+    p.add_argument("--malloc", choices=["keep", "system"], default="keep",
+                   help="keep: glibc malloc keeps freed memory (no page faults from re-allocation); system: as it is")
     p.add_argument("--lra-lengths", default="512,1024,2048,4096")
     p.add_argument("--data", action="store_true",
                    help="only time the training data loaders against a plain DataLoader (tasks/common/loader_benchmark.py)")
@@ -189,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         from tasks.common.loader_benchmark import main as data_benchmark
         data_benchmark([])
         return 0
+    args.malloc_note = "system malloc"
+    if args.malloc == "keep":
+        args.malloc_note = ("glibc malloc keeps freed memory (--malloc keep)" if keep_freed_memory()
+                            else "system malloc (--malloc keep needs glibc)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for but no GPU is visible; run with --device cpu.")

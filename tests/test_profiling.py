@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +57,7 @@ def test_benchmark_script_prints_the_table_with_floor_rows(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.main(["--img-size", "32", "--batch-size", "1", "--iters", "1", "--warmup", "0",
-                       "--floor", "--device", "cpu"]) == 0
+                       "--floor", "--device", "cpu", "--malloc", "system"]) == 0
     out = capsys.readouterr().out
     for model in ("pvt_tiny", "vit_small_patch16_224"):
         assert f"| {model} | cached |" in out and f"| {model} | floor |" in out
@@ -66,7 +70,7 @@ def test_benchmark_script_times_compiled_variants_next_to_the_floor(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.main(["--img-size", "32", "--batch-size", "1", "--iters", "1", "--warmup", "1", "--floor",
-                       "--reference", "--compile", "--compile-backend", "eager", "--device", "cpu"]) == 0
+                       "--reference", "--compile", "--compile-backend", "eager", "--device", "cpu", "--malloc", "system"]) == 0
     out = capsys.readouterr().out
     for model in ("pvt_tiny", "vit_small_patch16_224"):
         for variant in ("cached", "floor", "cached compiled", "floor compiled"):
@@ -84,3 +88,30 @@ def test_compile_verdicts_judge_the_issue_goals():
                                     row("cached", 1.40, 1.30), row("released", 1.55, 1.45)])
     assert "train +0.030, infer +0.100 (goal <= 0.05: not met" in lines[0]
     assert "= 1.107x (goal >= 1.1x: met" in lines[1]
+
+
+_REFAULT_PROBE = """
+import resource, sys, torch
+from cached_transformers.profiling import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+for step in range(8):  # a training step's activations: allocated, filled, freed, allocated again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(16 * 2 ** 20).fill_(1.0)  # 64 MiB
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory applies to glibc's malloc")
+def test_keep_freed_memory_stops_re_allocations_from_faulting_their_pages_in_again():
+    def faults(mode: str) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", _REFAULT_PROBE, mode], capture_output=True, text=True,
+                             check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+        return [int(v) for v in out.split()]
+
+    pages = 16 * 2 ** 20 * 4 // 4096
+    assert min(faults("system")) > pages // 2  # glibc maps a 64 MiB block afresh every time
+    kept = faults("keep")
+    # the heap grows during the first rounds (an aligned block does not fit the one freed), then the
+    # re-allocations reuse its pages
+    assert kept[0] > pages // 2 and max(kept[4:]) < pages // 20
