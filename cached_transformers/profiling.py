@@ -48,8 +48,8 @@ def keep_freed_memory() -> bool:
     returns the top of its heap to the system when enough of it is free, so a training step that
     allocates the same activations again faults their pages in again: every step pays the kernel for
     page faults that the GEMMs and elementwise kernels being timed do not need. On this project's VM a
-    fault cost about 10 us and the faults of one PVT-Tiny training step (batch 8) up to 200 ms of
-    system time, more for the cached model than for its baseline (docs/library.md). This turns both
+    fault cost up to about 15 us and the faults of one PVT-Tiny training step (batch 8) about 200 ms of
+    system time, more for the cached model than for its baseline and its floor (docs/library.md). This turns both
     off (``M_MMAP_MAX`` 0, ``M_TRIM_THRESHOLD`` at its maximum), so freed memory is reused without
     faults, as jemalloc or tcmalloc (PyTorch's CPU tuning advice) would. Process-wide and permanent:
     call it at the start of a benchmark, not inside a library or a training run.
