@@ -23,7 +23,9 @@ layer is >= 1.1x faster than the released module (with ``--reference``).
 (``cached_transformers.profiling.keep_freed_memory``), so the steps are not timed with the page faults
 of re-allocated activations, which on a VM cost more than some of the kernels being compared;
 ``--malloc system`` leaves malloc as it is.
-``lra`` runs the ListOps sequence-length benchmark; ``throughput`` the paper's Table 9 layout.
+``lra`` runs the ListOps sequence-length benchmark; ``throughput`` the paper's Table 9 layout;
+``posconv`` times the GRC positional conv's implementations (grouped conv, two depthwise convs, the
+native CPU kernel) on PVT-Tiny's and ViT-S's grids, forward and forward + backward, on CPU.
 No test times anything: speed is measured here and only here.
 """
 from __future__ import annotations
@@ -173,7 +175,7 @@ def device_name(device: torch.device) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="vision", help="comma list of vision, lra, throughput")
+    p.add_argument("--suite", default="vision", help="comma list of vision, lra, throughput, posconv")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 on GPU, 8 on CPU")
     p.add_argument("--img-size", type=int, default=224)
@@ -207,14 +209,17 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size = 64 if device.type == "cuda" else 8
     torch.manual_seed(0)
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
-    unknown = set(suites) - {"vision", "lra", "throughput"}
+    unknown = set(suites) - {"vision", "lra", "throughput", "posconv"}
     if unknown:
-        p.error(f"unknown suite(s) {sorted(unknown)}; choose from vision, lra, throughput.")
+        p.error(f"unknown suite(s) {sorted(unknown)}; choose from vision, lra, throughput, posconv.")
     if "vision" in suites:
         print_vision(vision_suite(args, device), args, device)
     if "lra" in suites:
         from tasks.lra.benchmark import lra_sequence_benchmark
         lra_sequence_benchmark(lengths=tuple(int(v) for v in args.lra_lengths.split(",")), device=str(device))
+    if "posconv" in suites:
+        from cached_transformers.grc.posconv_timing import print_table, time_positional_conv
+        print_table(time_positional_conv(iters=args.iters, warmup=args.warmup, scale=args.img_size / 224))
     if "throughput" in suites:
         from tasks.paper.throughput import main as throughput_main
         throughput_main(["--device", str(device), "--batch-size", str(args.batch_size)])

@@ -467,9 +467,15 @@ def test_valid_token_summary_equals_torch_interpolate_without_padding(mode):
     torch.testing.assert_close(layer._summary(u, torch.zeros(2, 11, dtype=torch.bool)), expected)
 
 
+@pytest.mark.parametrize("path", ["native", "pytorch"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_pair_grouped_conv_equals_the_grouped_conv_with_exact_gradients(bias):
+def test_pair_grouped_conv_equals_the_grouped_conv_with_exact_gradients(bias, path, monkeypatch):
+    from cached_transformers.grc import native
     from cached_transformers.grc.posconv import pair_grouped_conv3x3
+
+    if path == "pytorch":  # two depthwise convs: what GPUs, bfloat16 and machines without a compiler run
+        monkeypatch.setattr(native, "_state", {"ok": False})
+    assert native.usable(torch.zeros(1, dtype=torch.float64)) == (path == "native")
 
     x = torch.randn(2, 5, 4, 8, dtype=torch.float64).permute(0, 3, 1, 2)  # channels-last view, as the layer passes it
     x.requires_grad_(True)
@@ -486,13 +492,25 @@ def test_pair_grouped_conv_equals_the_grouped_conv_with_exact_gradients(bias):
     torch.library.opcheck(_pair_conv_op, (x.detach().requires_grad_(True), w, b))
 
 
-def test_positional_conv_is_the_grouped_conv_in_training_and_inference():
+@pytest.mark.parametrize("path", ["native", "pytorch"])
+def test_positional_conv_is_the_grouped_conv_in_training_and_inference(path, monkeypatch):
+    from cached_transformers.grc import native
+
+    if path == "pytorch":
+        monkeypatch.setattr(native, "_state", {"ok": False})
     layer = make_pvt_layer(prefix=1, sr=1)
     x = torch.randn(2, 65, 64, requires_grad=True)
     grid = x.detach()[:, 1:].reshape(2, 8, 8, 64).permute(0, 3, 1, 2)
     expected = layer.pos_conv(grid).flatten(2).transpose(1, 2)  # the released module's grouped conv
-    trained = layer._positional(x, (8, 8))                   # two depthwise convs, hand-written backward
+    trained = layer._positional(x, (8, 8))                   # native kernel or two depthwise convs
     with torch.no_grad():
         inferred = layer._positional(x, (8, 8))
     torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(inferred, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(trained, (x, layer.pos_conv.weight, layer.pos_conv.bias), grad)
+    grid_leaf = x[:, 1:].reshape(2, 8, 8, 64).permute(0, 3, 1, 2)
+    want = torch.autograd.grad(layer.pos_conv(grid_leaf).flatten(2).transpose(1, 2),
+                               (x, layer.pos_conv.weight, layer.pos_conv.bias), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)

@@ -37,9 +37,9 @@ the gate projections is computed once per step on the 1 x T_m stored cache rathe
 the summary-side projections of the three gates share one GEMM; the update is one ``torch.lerp``;
 the lambda mix is a per-channel scale plus an in-place ``addcmul_`` into each head's first D_m/H
 channels (no zero padding is materialised); the positional conv reads the tokens as a channels-last
-view (no copy) and, when gradients are needed and its groups hold 2 channels (ratio 0.5), runs as
-two depthwise convs with a hand-written backward (``posconv.py``; forward + backward 0.6-0.9x the
-grouped conv's time on CPU). All of this is exact algebra of the released computation, equal to
+view (no copy) and, when its groups hold 2 channels (ratio 0.5), runs as one custom op: a native
+CPU kernel, or two depthwise convs with a hand-written backward on GPUs (``posconv.py``; forward +
+backward 0.35-0.54x the grouped conv's time on CPU, ``scripts/benchmark.py --suite posconv``). All of this is exact algebra of the released computation, equal to
 float32 round-off. What remains above the MAC cost on CPU is measured by
 ``scripts/benchmark.py --floor`` (docs/library.md).
 """
@@ -203,7 +203,7 @@ class GRCAttention(nn.Module):
         grid_x = x[:, p:].reshape(b, h, w, c).permute(0, 3, 1, 2)  # channels-last view, no copy
         conv = self.pos_conv
         if conv.in_channels // conv.groups == 2:
-            # two depthwise convs (with a hand-written backward, grc/posconv.py), same sums: faster than
+            # the native CPU kernel or two depthwise convs (grc/posconv.py), same sums: faster than
             # oneDNN's 2-channel-group kernel in training and in inference
             return pair_grouped_conv3x3(grid_x, conv.weight, conv.bias).view(b, h * w, c)
         return conv(grid_x).flatten(2).transpose(1, 2)

@@ -1,20 +1,24 @@
-"""The GRC positional conv with two channels per group, computed as two depthwise convs.
+"""The GRC positional conv with two channels per group: a native CPU kernel, else two depthwise convs.
 
 The released module's ``pos_emb`` is ``Conv2d(D, D, 3, padding=1, groups=D_m)``; with the default
-ratio 0.5 each group maps 2 input channels to 2 output channels. oneDNN has no fast kernel for
-2-channel groups, but a fast one for depthwise convs on channels-last tensors, so the same sums are
-computed as
+ratio 0.5 each group maps 2 input channels to 2 output channels, for which oneDNN has no fast kernel.
+
+On CPU in float32 / float64 the custom op below runs ``csrc/pair_conv.cpp`` (built on first use by
+``native.py``): forward and backward each make one pass over the activations, with each channel pair
+handled as a swap of neighbouring vector lanes. Elsewhere (GPUs, bfloat16, float16, or where the
+build failed) the same sums are computed as two depthwise convs, for which cuDNN and oneDNN have fast
+channels-last kernels:
 
     out[2g+o] = conv(x[2g+o], W[2g+o, o]) + conv(x[2g+1-o], W[2g+o, 1-o])
               = same[2g+o]                 + cross[2g+1-o]
 
 where ``same`` and ``cross`` are depthwise convs of ``x`` (``cross`` evaluated at its input channel)
-and the second term is swapped within each channel pair. The custom op below (``torch.library``:
-``torch.compile`` calls it as one opaque kernel) does the swap in place in the forward and writes the
-backward by hand (``aten.convolution_backward`` for both
-convs), so no extra copies or zero-filled gradients are made. The result equals the grouped conv to
-float32 round-off; the parameter stays the grouped conv's ``C x 2 x 3 x 3`` weight, so checkpoints
-are unchanged. Measured on CPU (forward + backward, batch 8): 0.6-0.9x the grouped conv's time.
+and the second term is swapped within each channel pair; the swap is done in place in the forward and
+the backward is written by hand (``aten.convolution_backward`` for both convs), so no extra copies or
+zero-filled gradients are made. The custom op (``torch.library``) is one opaque kernel to
+``torch.compile``. Both paths equal the grouped conv to float32 round-off; the parameter stays the
+grouped conv's ``C x 2 x 3 x 3`` weight, so checkpoints are unchanged. Their speed against the grouped
+conv: ``python scripts/benchmark.py --suite posconv`` (docs/library.md).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 
 def _split_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +81,10 @@ def _pair_forward(grid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 # its GEMM floor).
 @torch.library.custom_op("cached_transformers::pair_conv3x3", mutates_args=())
 def _pair_conv_op(grid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _pair_forward(grid.contiguous(memory_format=torch.channels_last), weight, bias)
+    grid = grid.contiguous(memory_format=torch.channels_last)
+    if native.usable(grid):  # one pass over the activations (csrc/pair_conv.cpp)
+        return torch.ops.cached_transformers_cpu.pair_conv3x3_forward(grid.permute(0, 2, 3, 1), weight, bias)
+    return _pair_forward(grid, weight, bias)
 
 
 @_pair_conv_op.register_fake
@@ -89,6 +98,9 @@ def _pair_conv_backward_op(grad: torch.Tensor, grid: torch.Tensor, weight: torch
                            has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grid = grid.contiguous(memory_format=torch.channels_last)
     c = grid.shape[1]
+    if native.usable(grid):
+        gx, gw, gb = torch.ops.cached_transformers_cpu.pair_conv3x3_backward(grad, grid.permute(0, 2, 3, 1), weight)
+        return gx.permute(0, 3, 1, 2), gw, gb
     w_same, w_cross = _split_weight(weight)
     grad = grad.to(grid.dtype).contiguous()
     g_same = grad.permute(0, 3, 1, 2)                                  # channels-last view
