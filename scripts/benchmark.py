@@ -31,6 +31,7 @@ No test times anything: speed is measured here and only here.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def vision_suite(args, device: torch.device) -> list[dict]:
         timed = measure_models(models, args.batch_size, args.img_size, device, warmup=args.warmup,
                                iters=args.iters, amp=args.amp)
         for variant, t in timed.items():
-            stats[variant].update(train=args.batch_size / t["train_img_s"], infer=args.batch_size / t["test_img_s"])
+            stats[variant].update(train=args.batch_size / t["train_img_s"], infer=args.batch_size / t["test_img_s"],
+                                  train_s=t["train_s"], infer_s=t["test_s"])
             print(f"  measured {base_name} {variant}: train {stats[variant]['train'] * 1e3:.1f} ms, "
                   f"infer {stats[variant]['infer'] * 1e3:.1f} ms", file=sys.stderr)
         for variant in [v for v in stats if not v.startswith("baseline")]:
@@ -101,6 +103,7 @@ def vision_suite(args, device: torch.device) -> list[dict]:
                 row[phase] = (args.batch_size / base[phase], args.batch_size / s[phase])
                 row[f"{phase}_ratio"] = ratio
                 row[f"{phase}_ok"] = ratio <= 1.05 * (goal_ratio if variant == "floor" else mac_ratio)
+                row[f"{phase}_rounds"] = [v / b for v, b in zip(s[f"{phase}_s"], base[f"{phase}_s"])]  # ratio per round
             rows.append(row)
     return rows
 
@@ -129,12 +132,29 @@ def compile_verdicts(rows: list[dict]) -> list[str]:
             ok = all(g <= 0.05 for g in gaps.values())
             lines.append(f"- {model} compiled: cached ratio - floor ratio = train {gaps['train']:+.3f}, infer "
                          f"{gaps['infer']:+.3f} (goal <= 0.05: {'met' if ok else 'not met'} in this run).")
+            paired = {p: paired_gaps(cached, floor, p) for p in ("train", "infer")}
+            if all(paired.values()):
+                lines.append("  paired by round (the two ratios of one interleaved round subtracted; median "
+                             "[quartiles] over rounds): " + ", ".join(
+                                 f"{p} {q[1]:+.3f} [{q[0]:+.3f}, {q[2]:+.3f}]" for p, q in paired.items()))
         eager, released = by.get((model, "cached")), by.get((model, "released"))
         if eager and released:
             speedup = released["train_ratio"] / eager["train_ratio"]
             lines.append(f"- {model} eager training step: released module / this layer = {speedup:.3f}x "
                          f"(goal >= 1.1x: {'met' if speedup >= 1.1 else 'not met'} in this run).")
     return lines
+
+
+def paired_gaps(cached: dict, floor: dict, phase: str) -> tuple[float, float, float] | None:
+    """Quartiles of (cached ratio - floor ratio) taken round by round: a round's machine state hits both alike."""
+    a, b = cached.get(f"{phase}_rounds"), floor.get(f"{phase}_rounds")
+    if not a or not b or len(a) != len(b):
+        return None
+    gaps = sorted(x - y for x, y in zip(a, b))
+    if len(gaps) < 2:
+        return gaps[0], gaps[0], gaps[0]
+    q1, q2, q3 = statistics.quantiles(gaps, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def print_vision(rows: list[dict], args, device: torch.device) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,7 @@ def test_benchmark_script_times_compiled_variants_next_to_the_floor(capsys):
         for variant in ("cached", "floor", "cached compiled", "floor compiled"):
             assert f"| {model} | {variant} |" in out
         assert f"- {model} compiled: cached ratio - floor ratio = train " in out
+    assert out.count("  paired by round (") == 2
     assert "- pvt_tiny eager training step: released module / this layer = " in out
 
 
@@ -88,6 +90,14 @@ def test_compile_verdicts_judge_the_issue_goals():
                                     row("cached", 1.40, 1.30), row("released", 1.55, 1.45)])
     assert "train +0.030, infer +0.100 (goal <= 0.05: not met" in lines[0]
     assert "= 1.107x (goal >= 1.1x: met" in lines[1]
+    # with per-round ratios the gap is also given paired by round: its median and quartiles
+    rounds = lambda variant, train, infer: dict(row(variant, statistics.median(train), statistics.median(infer)),
+                                                train_rounds=train, infer_rounds=infer)
+    lines = bench.compile_verdicts([rounds("cached compiled", [1.30, 1.32, 1.40, 1.31, 1.29], [1.2] * 5),
+                                    rounds("floor compiled", [1.27, 1.30, 1.33, 1.24, 1.28], [1.1] * 5)])
+    assert "train +0.030, infer +0.100 (goal <= 0.05: not met" in lines[0]  # medians: 1.31 - 1.28
+    assert lines[1] == ("  paired by round (the two ratios of one interleaved round subtracted; median [quartiles] over "
+                        "rounds): train +0.030 [+0.020, +0.070], infer +0.100 [+0.100, +0.100]")
 
 
 _REFAULT_PROBE = """

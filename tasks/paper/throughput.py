@@ -63,11 +63,12 @@ def _steps(model: torch.nn.Module, batch_size: int, img_size: int, device: torch
     return train_step, test_step
 
 
-def _interleaved_medians(fns: dict[str, Any], device: torch.device, warmup: int, iters: int) -> dict[str, float]:
-    """Median seconds per call of each function, the functions timed in turn (rotating order).
+def _interleaved_times(fns: dict[str, Any], device: torch.device, warmup: int, iters: int) -> dict[str, list[float]]:
+    """Seconds of each call of each function, the functions timed in turn (rotating order), round by round.
 
     Interleaving puts every model under the same machine conditions: on a shared or throttling
     machine, timing one model after the other lets drift between the two runs enter the ratio.
+    Entry ``i`` of every list comes from round ``i``, so differences can be paired by round.
     """
     names = list(fns)
     for _ in range(warmup):
@@ -82,16 +83,21 @@ def _interleaved_medians(fns: dict[str, Any], device: torch.device, warmup: int,
             fns[name]()
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def measure_models(models: dict[str, torch.nn.Module], batch_size: int, img_size: int, device: torch.device,
-                   warmup: int = 3, iters: int = 10, amp: str = "none") -> dict[str, dict[str, float]]:
-    """{name: {"train_img_s", "test_img_s"}} of several models, timed interleaved (see module doc)."""
+                   warmup: int = 3, iters: int = 10, amp: str = "none") -> dict[str, dict[str, Any]]:
+    """{name: {"train_img_s", "test_img_s", "train_s", "test_s"}} of several models, timed interleaved.
+
+    ``*_img_s`` come from the median step; ``train_s`` / ``test_s`` hold every timed step's seconds,
+    round by round (entry i of every model is from the same round), for paired comparisons.
+    """
     steps = {name: _steps(m, batch_size, img_size, device, amp) for name, m in models.items()}
-    train = _interleaved_medians({n: s[0] for n, s in steps.items()}, device, warmup, iters)
-    test = _interleaved_medians({n: s[1] for n, s in steps.items()}, device, warmup, iters)
-    return {n: {"train_img_s": batch_size / train[n], "test_img_s": batch_size / test[n]} for n in models}
+    train = _interleaved_times({n: s[0] for n, s in steps.items()}, device, warmup, iters)
+    test = _interleaved_times({n: s[1] for n, s in steps.items()}, device, warmup, iters)
+    return {n: {"train_img_s": batch_size / statistics.median(train[n]), "test_img_s": batch_size / statistics.median(test[n]),
+                "train_s": train[n], "test_s": test[n]} for n in models}
 
 
 def _paper_row(model: str) -> dict[str, dict[str, float]]:
