@@ -18,7 +18,8 @@ and the script says so.
 ``--compile`` adds ``torch.compile`` (inductor) copies of the baseline, the cached model and the floor,
 timed in the same interleaved rounds; their ratios are against the compiled baseline, and the script
 states whether the compiled cached ratio is within 0.05 of the compiled floor's and whether the eager
-layer is >= 1.1x faster than the released module (with ``--reference``).
+layer is >= 1.1x faster than the released module (with ``--reference``); the gap is also given paired
+by round (median and quartiles of the per-round differences), which shows how far one run can be trusted.
 ``--malloc keep`` (the default) first makes glibc's malloc keep the memory it frees
 (``cached_transformers.profiling.keep_freed_memory``), so the steps are not timed with the page faults
 of re-allocated activations, which on a VM cost more than some of the kernels being compared;
