@@ -39,7 +39,7 @@ the lambda mix is a per-channel scale plus an in-place ``addcmul_`` into each he
 channels (no zero padding is materialised); the positional conv reads the tokens as a channels-last
 view (no copy) and, when its groups hold 2 channels (ratio 0.5), runs as one custom op: a native
 CPU kernel, or two depthwise convs with a hand-written backward on GPUs (``posconv.py``; forward +
-backward 0.35-0.54x the grouped conv's time on CPU, ``scripts/benchmark.py --suite posconv``). All of this is exact algebra of the released computation, equal to
+backward 0.32-0.57x the grouped conv's time on CPU, ``scripts/benchmark.py --suite posconv``). All of this is exact algebra of the released computation, equal to
 float32 round-off. What remains above the MAC cost on CPU is measured by
 ``scripts/benchmark.py --floor`` (docs/library.md).
 """
