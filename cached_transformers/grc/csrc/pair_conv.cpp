@@ -59,6 +59,15 @@ template <typename T> void split_weight(const T* w, int64_t C, T* ws, T* wx) {
     }
 }
 
+// the 9 taps' same / cross weights of the channel block starting at c0, into registers
+template <typename T, typename V>
+inline void load_taps(const T* ws, const T* wx, int64_t C, int64_t c0, V* vs, V* vx) {
+  for (int t = 0; t < 9; ++t) {
+    vs[t] = load(ws + t * C + c0);
+    vx[t] = load(wx + t * C + c0);
+  }
+}
+
 template <typename T>
 void forward_kernel(const T* in, const T* ws, const T* wx, const T* bias, T* out,
                     int64_t B, int64_t H, int64_t W, int64_t C) {
@@ -73,10 +82,7 @@ void forward_kernel(const T* in, const T* ws, const T* wx, const T* bias, T* out
       int64_t c0 = 0;
       for (; c0 + N <= C; c0 += N) {
         V vs[9], vx[9];
-        for (int t = 0; t < 9; ++t) {
-          vs[t] = load(ws + t * C + c0);
-          vx[t] = load(wx + t * C + c0);
-        }
+        load_taps(ws, wx, C, c0, vs, vx);
         const V vb = bias ? load(bias + c0) : V{};
         for (int64_t x = 0; x < W; ++x) {
           const int64_t x0 = x > 0 ? -1 : 0, x1 = x < W - 1 ? 1 : 0;
@@ -124,10 +130,7 @@ void backward_kernel(const T* go, const T* in, const T* ws, const T* wx, T* gi, 
       int64_t c0 = 0;
       for (; c0 + N <= C; c0 += N) {
         V vs[9], vx[9];
-        for (int t = 0; t < 9; ++t) {
-          vs[t] = load(ws + t * C + c0);
-          vx[t] = load(wx + t * C + c0);
-        }
+        load_taps(ws, wx, C, c0, vs, vx);
         for (int64_t x = 0; x < W; ++x) {  // input gradient: in(q) fed out(q + d) through the tap of -d
           const int64_t x0 = x > 0 ? -1 : 0, x1 = x < W - 1 ? 1 : 0;
           const int64_t q = base + x * C + c0;
