@@ -6,6 +6,9 @@ FLOPs in the paper's tables are multiply-accumulates (MACs); :func:`count_macs` 
 """
 from __future__ import annotations
 
+import time
+from typing import Callable, Hashable
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -65,6 +68,35 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return bool(mallopt(m_trim_threshold, 2 ** 31 - 1)) and bool(mallopt(m_mmap_max, 0))
+
+
+def interleaved_times(fns: dict[Hashable, Callable[[], object]], warmup: int, iters: int,
+                      device: torch.device | None = None) -> dict[Hashable, list[float]]:
+    """Seconds of each call of each function, the functions timed in turn (rotating order), round by round.
+
+    Interleaving puts every variant under the same machine conditions: on a shared or throttling
+    machine, timing one variant after the other lets drift between the two runs enter the ratio.
+    Entry ``i`` of every list comes from round ``i``, so differences can be paired by round. On a CUDA
+    ``device`` each call is synchronised before its time is taken.
+    """
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    sync()
+    times: dict[Hashable, list[float]] = {name: [] for name in names}
+    for i in range(max(1, iters)):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            start = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def count_params(model: nn.Module) -> int:

@@ -14,6 +14,7 @@ GPUs, bfloat16 and float16 always use the pure-PyTorch path (cuDNN's depthwise k
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -75,6 +76,18 @@ def load() -> bool:
         cpp_logger.setLevel(level)
         os.environ["PATH"] = path
     return bool(_state["ok"])
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block the layer takes its pure-PyTorch path (for comparisons); the outcome of the build is kept."""
+    saved = dict(_state)
+    _state["ok"] = False
+    try:
+        yield
+    finally:
+        _state.clear()
+        _state.update(saved)
 
 
 def usable(t: torch.Tensor) -> bool:

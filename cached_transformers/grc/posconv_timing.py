@@ -8,11 +8,13 @@ hand-written backward (``posconv._pair_forward``; GPUs, bfloat16), and the nativ
 """
 from __future__ import annotations
 
-import time
+import functools
+import statistics
 
 import torch
 import torch.nn.functional as F
 
+from ..profiling import interleaved_times
 from . import native, posconv
 
 # (name, B, H, W, C): PVT-Tiny's four stages and ViT-S at 224 px, batch 8 (the CPU benchmark's batch)
@@ -21,26 +23,12 @@ SHAPES = [("PVT-Tiny stage 1", 8, 56, 56, 64), ("PVT-Tiny stage 2", 8, 28, 28, 1
 
 
 def _grouped(grid, weight, bias):
-    return F.conv2d(grid, weight, bias, padding=1, groups=weight.shape[0] // 2)
+    return F.conv2d(grid, weight, bias, padding=1, groups=weight.shape[0] // 2).permute(0, 2, 3, 1)
 
 
 def _depthwise_pair(grid, weight, bias):
-    with _native_off():
+    with native.disabled():
         return posconv.pair_grouped_conv3x3(grid, weight, bias)
-
-
-def _native(grid, weight, bias):
-    return posconv.pair_grouped_conv3x3(grid, weight, bias)
-
-
-class _native_off:
-    def __enter__(self):
-        self.saved = dict(native._state)
-        native._state["ok"] = False
-
-    def __exit__(self, *exc):
-        native._state.clear()
-        native._state.update(self.saved)
 
 
 def time_positional_conv(shapes=SHAPES, iters: int = 20, warmup: int = 3, scale: float = 1.0) -> list[dict]:
@@ -50,33 +38,27 @@ def time_positional_conv(shapes=SHAPES, iters: int = 20, warmup: int = 3, scale:
     """
     impls = {"grouped conv": _grouped, "two depthwise convs": _depthwise_pair}
     if native.load():
-        impls["native kernel"] = _native
+        impls["native kernel"] = posconv.pair_grouped_conv3x3
     rows = []
     for name, b, h, w, c in shapes:
         h, w = max(1, round(h * scale)), max(1, round(w * scale))
         grid = torch.randn(b, c, h, w).to(memory_format=torch.channels_last).requires_grad_(True)
         weight, bias = torch.randn(c, 2, 3, 3, requires_grad=True), torch.randn(c, requires_grad=True)
         grad = torch.randn(b, h, w, c)
-        times = {k: {"fwd": [], "train": []} for k in impls}
 
-        def run(fn, train):
-            if not train:
-                with torch.no_grad():
-                    return fn(grid, weight, bias)
-            out = fn(grid, weight, bias)
-            out = out if out.shape == grad.shape else out.permute(0, 2, 3, 1)
-            torch.autograd.backward(out, grad)
+        def forward(fn):
+            with torch.no_grad():
+                fn(grid, weight, bias)
 
-        for step in range(warmup + iters):
-            for key, fn in impls.items():  # interleaved: machine drift hits every implementation alike
-                for phase in ("fwd", "train"):
-                    start = time.perf_counter()
-                    run(fn, phase == "train")
-                    if step >= warmup:
-                        times[key][phase].append((time.perf_counter() - start) * 1e3)
-        for key, t in times.items():
-            med = {p: sorted(v)[len(v) // 2] for p, v in t.items()}
-            rows.append(dict(shape=name, size=f"{b}x{h}x{w}x{c}", impl=key, fwd_ms=med["fwd"], train_ms=med["train"]))
+        def train(fn):
+            torch.autograd.backward(fn(grid, weight, bias), grad)
+
+        calls = {(key, phase): functools.partial(step, fn) for key, fn in impls.items()
+                 for phase, step in (("fwd", forward), ("train", train))}
+        times = interleaved_times(calls, warmup, iters)  # machine drift hits every implementation alike
+        for key in impls:
+            fwd, trn = (statistics.median(times[(key, p)]) * 1e3 for p in ("fwd", "train"))
+            rows.append(dict(shape=name, size=f"{b}x{h}x{w}x{c}", impl=key, fwd_ms=fwd, train_ms=trn))
     return rows
 
 

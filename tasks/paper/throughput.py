@@ -18,18 +18,14 @@ import argparse
 import contextlib
 import statistics
 import sys
-import time
 from typing import Any, Sequence
 
 import torch
 
+from cached_transformers.profiling import interleaved_times
+
 PAPER_PAIRS: list[tuple[str, str]] = [("pvt_tiny", "pvt_tiny_grc"), ("pvt_small", "pvt_small_grc"),
                                       ("pvt_medium", "pvt_medium_grc")]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _steps(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device, amp: str):
@@ -63,29 +59,6 @@ def _steps(model: torch.nn.Module, batch_size: int, img_size: int, device: torch
     return train_step, test_step
 
 
-def _interleaved_times(fns: dict[str, Any], device: torch.device, warmup: int, iters: int) -> dict[str, list[float]]:
-    """Seconds of each call of each function, the functions timed in turn (rotating order), round by round.
-
-    Interleaving puts every model under the same machine conditions: on a shared or throttling
-    machine, timing one model after the other lets drift between the two runs enter the ratio.
-    Entry ``i`` of every list comes from round ``i``, so differences can be paired by round.
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(max(1, iters)):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            start = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def measure_models(models: dict[str, torch.nn.Module], batch_size: int, img_size: int, device: torch.device,
                    warmup: int = 3, iters: int = 10, amp: str = "none") -> dict[str, dict[str, Any]]:
     """{name: {"train_img_s", "test_img_s", "train_s", "test_s"}} of several models, timed interleaved.
@@ -94,8 +67,8 @@ def measure_models(models: dict[str, torch.nn.Module], batch_size: int, img_size
     round by round (entry i of every model is from the same round), for paired comparisons.
     """
     steps = {name: _steps(m, batch_size, img_size, device, amp) for name, m in models.items()}
-    train = _interleaved_times({n: s[0] for n, s in steps.items()}, device, warmup, iters)
-    test = _interleaved_times({n: s[1] for n, s in steps.items()}, device, warmup, iters)
+    train = interleaved_times({n: s[0] for n, s in steps.items()}, warmup, iters, device)
+    test = interleaved_times({n: s[1] for n, s in steps.items()}, warmup, iters, device)
     return {n: {"train_img_s": batch_size / statistics.median(train[n]), "test_img_s": batch_size / statistics.median(test[n]),
                 "train_s": train[n], "test_s": test[n]} for n in models}
 
