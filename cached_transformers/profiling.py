@@ -34,13 +34,35 @@ def _pair_conv_backward_flops(grad, grid, weight, *args, out_shape=None, **kwarg
     return 2 * _pair_conv_flops(grid, weight)  # input and weight gradients
 
 
-from .grc import posconv as _posconv  # noqa: E402  (registers the custom ops)
+def _mix_pos_flops(s, m, alpha, x, weight, bias, grid_h, grid_w, *args, out_shape=None, **kwargs) -> int:
+    """The fused output (grc/output.py): the positional conv's MACs (the mix is elementwise, like the baseline's adds)."""
+    return _pair_conv_flops((s[0], s[2], grid_h, grid_w), weight)
+
+
+def _mix_pos_backward_flops(grad, s, m, alpha, x, weight, grid_h, grid_w, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _mix_pos_flops(s, m, alpha, x, weight, None, grid_h, grid_w)
+
+
+def _gated_update_flops(z, prev, wc, *args, out_shape=None, **kwargs) -> int:
+    """The fused gated update (grc/update.py): its one GEMM, (B T_m x D_m) by (D_m x D_m)."""
+    return 2 * z[0] * z[1] * wc[0] * wc[1]
+
+
+def _gated_update_backward_flops(grad, z, prev, wc, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _gated_update_flops(z, prev, wc)  # the input and weight gradients
+
+
+from .grc import output as _output, posconv as _posconv, update as _update  # noqa: E402  (registers the custom ops)
 
 _CUSTOM = {
     _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
     torch.ops.cached_transformers.pair_conv3x3: _pair_conv_flops,
     torch.ops.cached_transformers.pair_conv3x3_backward: _pair_conv_backward_flops,
+    torch.ops.cached_transformers.mix_pos: _mix_pos_flops,
+    torch.ops.cached_transformers.mix_pos_backward: _mix_pos_backward_flops,
+    torch.ops.cached_transformers.gated_update: _gated_update_flops,
+    torch.ops.cached_transformers.gated_update_backward: _gated_update_backward_flops,
 }
 
 

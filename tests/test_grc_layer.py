@@ -39,8 +39,19 @@ def ref_and_converted(dim=64, heads=2, sr=2, grid=(8, 8), prefix=0):
     return ref, ours
 
 
+def use_path(path, monkeypatch):
+    """"native": the fused CPU kernels (grc/fused.py); "pytorch": the composite code GPUs and bf16 run."""
+    from cached_transformers.grc import native
+
+    if path == "pytorch":
+        monkeypatch.setattr(native, "_state", {"ok": False})
+    assert native.load() == (path == "native")
+
+
+@pytest.mark.parametrize("path", ["native", "pytorch"])
 @pytest.mark.parametrize("prefix,sr", [(0, 2), (1, 1)])
-def test_reference_parity_train_and_eval(prefix, sr):
+def test_reference_parity_train_and_eval(prefix, sr, path, monkeypatch):
+    use_path(path, monkeypatch)
     ref, ours = ref_and_converted(prefix=prefix, sr=sr)
     x = torch.randn(3, prefix + 64, 64)
     for mode in ("train", "train", "eval"):
@@ -49,7 +60,9 @@ def test_reference_parity_train_and_eval(prefix, sr):
         torch.testing.assert_close(ours.cache, ref.gr_cache, rtol=1e-5, atol=1e-5)
 
 
-def test_reference_parity_gradients():
+@pytest.mark.parametrize("path", ["native", "pytorch"])
+def test_reference_parity_gradients(path, monkeypatch):
+    use_path(path, monkeypatch)
     ref, ours = ref_and_converted()
     x = torch.randn(2, 64, 64)
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -473,8 +486,7 @@ def test_pair_grouped_conv_equals_the_grouped_conv_with_exact_gradients(bias, pa
     from cached_transformers.grc import native
     from cached_transformers.grc.posconv import pair_grouped_conv3x3
 
-    if path == "pytorch":  # two depthwise convs: what GPUs, bfloat16 and machines without a compiler run
-        monkeypatch.setattr(native, "_state", {"ok": False})
+    use_path(path, monkeypatch)  # "pytorch": two depthwise convs, what GPUs, bf16 and machines without a compiler run
     assert native.usable(torch.zeros(1, dtype=torch.float64)) == (path == "native")
 
     x = torch.randn(2, 5, 4, 8, dtype=torch.float64).permute(0, 3, 1, 2)  # channels-last view, as the layer passes it
@@ -494,10 +506,7 @@ def test_pair_grouped_conv_equals_the_grouped_conv_with_exact_gradients(bias, pa
 
 @pytest.mark.parametrize("path", ["native", "pytorch"])
 def test_positional_conv_is_the_grouped_conv_in_training_and_inference(path, monkeypatch):
-    from cached_transformers.grc import native
-
-    if path == "pytorch":
-        monkeypatch.setattr(native, "_state", {"ok": False})
+    use_path(path, monkeypatch)
     layer = make_pvt_layer(prefix=1, sr=1)
     x = torch.randn(2, 65, 64, requires_grad=True)
     grid = x.detach()[:, 1:].reshape(2, 8, 8, 64).permute(0, 3, 1, 2)

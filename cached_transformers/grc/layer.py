@@ -52,6 +52,7 @@ from torch import nn
 
 from .attention import SRAttention
 from .config import GRCConfig
+from . import output, update
 from .posconv import pair_grouped_conv3x3
 
 
@@ -198,8 +199,6 @@ class GRCAttention(nn.Module):
         b, t, c = x.shape
         p = self.num_prefix_tokens
         h, w = grid
-        if t - p != h * w:
-            raise ValueError(f"GRC positional conv: {t - p} tokens do not fill the {h}x{w} grid.")
         grid_x = x[:, p:].reshape(b, h, w, c).permute(0, 3, 1, 2)  # channels-last view, no copy
         conv = self.pos_conv
         if conv.in_channels // conv.groups == 2:
@@ -258,26 +257,29 @@ class GRCAttention(nn.Module):
     def _gated_update(self, prev: torch.Tensor, xu: torch.Tensor) -> torch.Tensor:
         """C_new = g_u * C_cand + (1 - g_u) * C_prev for prev 1 x T_m x D_m, xu B x T_m x D_m.
 
-        The pre-activations of reset, update and candidate come from one GEMM (:meth:`_gate_logits`),
-        split into views (``split`` keeps the backward a single concatenation instead of zero-filled
-        slice gradients).
+        The pre-activations of reset, update and candidate come from one GEMM (:meth:`_gate_logits`);
+        the rest is one fused kernel on CPU, else the composite code (``update.py``).
         """
-        dm = self.mem_dim
         z = self._gate_logits(prev, xu)
-        reset_z, update_z, cand_z = z.split(dm, dim=-1)
-        reset, update = torch.sigmoid(reset_z), torch.sigmoid(update_z)
-        cand = cand_z + F.linear(reset * prev, self.cand.weight[:, self._columns()[0]])
-        if self.config.candidate == "ln_gelu":
-            cand = self.cand_norm(F.gelu(cand))
-        dt = cand.dtype  # under autocast: the activations' dtype (the stored cache stays float32)
-        return torch.lerp(prev.to(dt).expand_as(cand), cand, update.to(dt))
+        wc = self.cand.weight[:, self._columns()[0]]                       # the candidate's cache side
+        norm = self.cand_norm if self.config.candidate == "ln_gelu" else None
+        if update.update_applicable(z, prev, wc, norm):
+            return update.gated_update(z, prev, wc, norm)
+        return update.update_composite(z, prev, wc, norm)
 
-    def _mix(self, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        b, t, d = s.shape
-        h = self.num_heads
+    def _output(self, x: torch.Tensor, s: torch.Tensor, m: torch.Tensor, H: int | None, W: int | None) -> torch.Tensor:
+        """The lambda mix of the branches plus the positional conv (one native kernel where it applies)."""
         alpha = torch.sigmoid(self.lam).to(s.dtype)                       # H (autocast: the activations' dtype)
-        out = s * (1 - alpha).repeat_interleave(d // h)                   # (1 - a_h) * s_h
-        out.view(b, t, h, d // h)[..., : self.mem_dim // h].addcmul_(m.view(b, t, h, -1), alpha[:, None])
+        conv = self.pos_conv
+        grid = None if conv is None else (H, W) if H is not None else self._square_grid(x.shape[1])
+        if grid is not None and x.shape[1] - self.num_prefix_tokens != grid[0] * grid[1]:
+            raise ValueError(f"GRC positional conv: {x.shape[1] - self.num_prefix_tokens} tokens do not fill the "
+                             f"{grid[0]}x{grid[1]} grid.")
+        if output.fused_applicable(s, m, x, conv):
+            return output.fused_mix_pos(s, m, alpha, x, conv, grid)
+        out = output.mix(s, m, alpha)
+        if conv is not None:
+            out[:, self.num_prefix_tokens:] += self._positional(x, grid)
         return out
 
     def _self_branch(self, x: torch.Tensor, H: int | None, W: int | None,
@@ -320,11 +322,7 @@ class GRCAttention(nn.Module):
         if self.record_branches:
             self.last_branches = (s.detach(), m.detach())
 
-        out = self._mix(s, m)
-        if self.pos_conv is not None:
-            grid = (H, W) if H is not None else self._square_grid(t)
-            out[:, self.num_prefix_tokens:] += self._positional(x, grid)
-        return out
+        return self._output(x, s, m, H, W)
 
     def _square_grid(self, t: int) -> tuple[int, int]:
         n = t - self.num_prefix_tokens
