@@ -34,14 +34,14 @@ state of the global batch) and which checkpoints hold at a fixed shape.
 
 Speed: the reset and update gates are one fused ``Linear(2 D_m -> 2 D_m)``; the cache-side half of
 the gate projections is computed once per step on the 1 x T_m stored cache rather than per sample;
-the summary-side projections of the three gates share one GEMM; the update is one ``torch.lerp``;
-the lambda mix is a per-channel scale plus an in-place ``addcmul_`` into each head's first D_m/H
-channels (no zero padding is materialised); the positional conv reads the tokens as a channels-last
-view (no copy) and, when its groups hold 2 channels (ratio 0.5), runs as one custom op: a native
-CPU kernel, or two depthwise convs with a hand-written backward on GPUs (``posconv.py``; forward +
-backward 0.32-0.57x the grouped conv's time on CPU, ``scripts/benchmark.py --suite posconv``). All of this is exact algebra of the released computation, equal to
-float32 round-off. What remains above the MAC cost on CPU is measured by
-``scripts/benchmark.py --floor`` (docs/library.md).
+the summary-side projections of the three gates share one GEMM. On CPU in float32 / float64 the rest
+runs as two fused native kernels: the gated update (``update.py``) and the output, i.e. the lambda mix
+added in the positional conv's own pass (``output.py``); elsewhere the composite code they replace
+(sigmoids, one GEMM, GELU, LayerNorm, one ``torch.lerp``; a per-channel scale plus an in-place
+``addcmul_`` into each head's first D_m/H channels, no zero padding; the positional conv as two depthwise
+convs, ``posconv.py``). The positional conv reads the tokens as a channels-last view (no copy). All of this
+is exact algebra of the released computation, equal to float32 round-off. What remains above the MAC cost
+on CPU is measured by ``scripts/benchmark.py --floor`` (docs/library.md).
 """
 from __future__ import annotations
 
