@@ -1,4 +1,6 @@
-"""The native CPU kernels of the GRC positional conv (cached_transformers/grc/csrc, built on first use)."""
+"""The native CPU kernels of the GRC layer (cached_transformers/grc/csrc, built on first use): the build, its
+portable variant and its failure; the positional conv against the grouped conv (the fused output and update
+kernels: test_fused_kernels.py)."""
 from __future__ import annotations
 
 import os
@@ -105,6 +107,19 @@ CHECK = """
     g = torch.randn_like(ref)
     for a, r in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+    # the fused update and output kernels (ATen's generic vector type in the portable build)
+    from cached_transformers.grc import output, update
+    z, prev, wc = torch.randn(2, 5, 60, requires_grad=True), torch.randn(1, 5, 20), torch.randn(20, 20)
+    ln = torch.nn.LayerNorm(20)
+    new, ref = update.gated_update(z, prev, wc, ln), update.update_composite(z, prev, wc, ln)
+    torch.testing.assert_close(new, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(new.sum(), z)[0], torch.autograd.grad(ref.sum(), z)[0],
+                               rtol=1e-4, atol=1e-4)
+    conv = torch.nn.Conv2d(48, 48, 3, padding=1, groups=24)
+    s, m, a, xs = torch.randn(2, 31, 48), torch.randn(2, 31, 24), torch.rand(2), torch.randn(2, 31, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(output.fused_mix_pos(s, m, a, xs, conv, (5, 6)),
+                                   output.composite(s, m, a, xs, conv.weight, conv.bias, (5, 6)), rtol=1e-5, atol=1e-5)
     print("LOADED", loaded, native.build_name(), "WARNINGS", [str(c.message) for c in caught])
 """
 
