@@ -2,7 +2,7 @@
 
 ``torch.utils.cpp_extension`` compiles ``csrc/pair_conv.cpp`` (the positional conv, and the layer's output
 with the lambda mix fused into it) and ``csrc/gated_update.cpp`` (the cache update) the first time a
-float32 or float64 CPU tensor reaches the layer (about 20 s; the build is cached under ``TORCH_EXTENSIONS_DIR``,
+float32 or float64 CPU tensor reaches the layer (about 11 s; the build is cached under ``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``, and reused by later processes). It needs a C++ compiler and
 ``ninja``, which ``torch.compile`` on CPU needs as well. The build is specialised to the CPU's vector
 instructions as PyTorch detects them (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2 or the
@@ -94,19 +94,14 @@ def disabled():
         _state.update(saved)
 
 
-def usable(t: torch.Tensor) -> bool:
-    """Whether the native kernels take this tensor (CPU, float32 or float64) and are loaded (built if needed)."""
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and load()
-
-
 @torch.compiler.assume_constant_result
 def kernels_built() -> bool:
     """:func:`load` as a constant to ``torch.compile`` (the layer's choice of path adds no guard or graph break)."""
     return load()
 
 
-def takes(*tensors: torch.Tensor) -> bool:
-    """Whether the fused kernels take these tensors: all on CPU, all float32 or all float64, and the kernels built."""
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the native kernels take these tensors (all on CPU, all float32 or all float64) and are built (now if needed)."""
     first = tensors[0]
     return (first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
             and all(t.dtype == first.dtype for t in tensors) and kernels_built())

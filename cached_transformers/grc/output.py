@@ -99,7 +99,7 @@ _mix_pos_op.register_autograd(_backward, setup_context=_setup_context)
 
 def fused_applicable(s: torch.Tensor, m: torch.Tensor, x: torch.Tensor, conv: torch.nn.Conv2d | None) -> bool:
     """Whether the layer's output takes the fused kernel: CPU float32 / float64 and a 2-channel-group conv."""
-    return conv is not None and conv.in_channels // conv.groups == 2 and native.takes(s, m, x, conv.weight)
+    return conv is not None and conv.in_channels // conv.groups == 2 and native.usable(s, m, x, conv.weight)
 
 
 def fused_mix_pos(s: torch.Tensor, m: torch.Tensor, alpha: torch.Tensor, x: torch.Tensor, conv: torch.nn.Conv2d,

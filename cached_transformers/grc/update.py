@@ -120,7 +120,7 @@ def update_applicable(z: torch.Tensor, prev: torch.Tensor, wc: torch.Tensor, nor
     if norm is not None and not (isinstance(norm, torch.nn.LayerNorm) and norm.weight is not None
                                  and norm.bias is not None and len(norm.normalized_shape) == 1):
         return False
-    return native.takes(z, prev, wc, *(() if norm is None else (norm.weight,)))
+    return native.usable(z, prev, wc, *(() if norm is None else (norm.weight,)))
 
 
 def gated_update(z: torch.Tensor, prev: torch.Tensor, wc: torch.Tensor, norm: torch.nn.LayerNorm | None) -> torch.Tensor:
